@@ -1,0 +1,27 @@
+"""Shared test fixtures: where the project's real data lives, and small deterministic settings."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get('TIMM_SPOT_DATA', REPO.parent / 'shared' / 'data'))
+CIFAR10 = SHARED_DATA / 'cifar10' / 'train.parquet'
+IMAGENET_SAMPLES = SHARED_DATA / 'imagenet-samples' / 'samples_160.parquet'
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def cifar10_path() -> Path:
+    if not CIFAR10.exists():
+        pytest.skip(f'real data not found at {CIFAR10} (set TIMM_SPOT_DATA to the shared data folder)')
+    return CIFAR10
+
+
+@pytest.fixture
+def imagenet_samples_path() -> Path:
+    if not IMAGENET_SAMPLES.exists():
+        pytest.skip(f'real data not found at {IMAGENET_SAMPLES} (set TIMM_SPOT_DATA to the shared data folder)')
+    return IMAGENET_SAMPLES

@@ -1,0 +1,58 @@
+"""Thin wrapper over timm's ``build_model_with_cfg`` that turns weight-loading failures into clear errors.
+
+timm already resolves pretrained sources (``hf_hub_id``, ``pretrained_cfg_overlay=dict(file=...)``) and
+loads them strictly; this only re-raises its failures with the model, the source and the fix in the
+message, so a user never has to decode a Hub 404 or a bare safetensors header error.
+"""
+from typing import Any, Callable, Optional, Type
+
+import torch.nn as nn
+from timm.models import build_model_with_cfg
+from timm.models._registry import get_pretrained_cfg
+
+__all__ = ['build_spot_model']
+
+
+def _weights_source(variant: str, overlay: Optional[dict]) -> str:
+    overlay = overlay or {}
+    if overlay.get('file'):
+        return f"file {overlay['file']!r}"
+    if overlay.get('state_dict') is not None:
+        return 'the given state_dict'
+    cfg = get_pretrained_cfg(variant)
+    hub_id = overlay.get('hf_hub_id') or (cfg.hf_hub_id if cfg is not None else None)
+    return f'Hugging Face Hub repo {hub_id!r}' if hub_id else 'no source'
+
+
+def build_spot_model(
+        model_cls: Type[nn.Module],
+        variant: str,
+        pretrained: bool,
+        pretrained_filter_fn: Optional[Callable] = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """``build_model_with_cfg`` with errors that name the weights source and the problem."""
+    if not pretrained:
+        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
+    source = _weights_source(variant, kwargs.get('pretrained_cfg_overlay'))
+    try:
+        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
+    except TypeError:
+        raise  # an unknown constructor argument: timm's own message is already precise
+    except RuntimeError as e:
+        if 'state_dict' in str(e) or 'size mismatch' in str(e):
+            raise RuntimeError(
+                f'weights from {source} do not match {variant}: {e}\n'
+                f'(was the file exported from a different model or with other constructor arguments?)'
+            ) from e
+        raise RuntimeError(f'could not load pretrained weights for {variant} from {source}: {e}') from e
+    except Exception as e:  # hub errors (offline, 404, gated), truncated/corrupt safetensors, missing file
+        hint = ''
+        if source.startswith('Hugging Face'):
+            hint = (
+                '\nIf the weights are not published (or this machine is offline), load a local file with '
+                "timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors'))."
+            )
+        raise RuntimeError(
+            f'could not load pretrained weights for {variant} from {source}: {type(e).__name__}: {e}{hint}'
+        ) from e

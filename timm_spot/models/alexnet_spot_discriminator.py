@@ -1,0 +1,177 @@
+"""Pretext discriminator C of "Learning to Spot Artifacts" (``alexnet_spot_discriminator``).
+
+Paper: Jenni & Favaro, CVPR 2018, https://arxiv.org/abs/1806.05024 (Sec. 4.3, 4.4); authors' code
+models/AlexNet.py and models/SpotNet.py.
+
+The trunk is exactly ``alexnet_spot``'s (same module names, ``features.conv1`` .. ``features.conv5``) plus the
+BatchNorm after conv5 that the paper uses during pretraining (momentum 0.025 = TF decay 0.975, eps 1e-3).
+Two heads sit on the conv5 map:
+
+* real/corrupt head: fc6 as a convolution whose kernel spans the whole conv5 map (``head_kernel_size`` =
+  image size / 16; 8 at 128 px), 4096 units, ReLU, dropout 0.5, then one logit (the paper removes fc7;
+  the code's 2-way softmax equals one logit with a sigmoid). This is timm's ``head``: ``forward`` returns it.
+* mask head: a 3x3 convolution to one channel on the conv5 grid, which equals the drop-mask grid; its logit
+  is positive where C thinks the feature cell was kept (Omega = 1), negative where it spots an artifact.
+
+Input: ``forward``/``forward_features`` take timm-normalised images (mean (123.68, 116.78, 103.94)/255,
+std 1/255, as ``alexnet_spot``). The pretraining code works on images in [-1, 1]: ``forward_pretext``
+applies the authors' normalisation (rescale to 0..255, subtract the RGB means) itself.
+
+timm conformance note: ``forward`` only uses the real/corrupt head, so in timm's generic backward test the
+mask head receives no gradient by design; ``forward_pretext`` uses both heads (tests/test_alexnet_spot.py).
+"""
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.models._registry import generate_default_cfgs, register_model
+
+from ._builder import build_spot_model
+from .alexnet_spot import SPOT_MEAN, SPOT_STD, AlexNetSpot, checkpoint_filter_fn
+
+__all__ = ['AlexNetSpotDiscriminator']
+
+
+class AlexNetSpotDiscriminator(AlexNetSpot):
+    """AlexNet trunk with BatchNorm after conv5, a real/corrupt head and a drop-mask head."""
+
+    def __init__(
+            self,
+            num_classes: int = 1,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            head_kernel_size: int = 8,
+            head_hidden_size: int = 4096,
+            head_drop_rate: float = 0.5,
+            mask_head: bool = True,
+            bias_init: float = 0.1,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """
+        Args:
+            num_classes: outputs of the real/corrupt head (1 logit: > 0 means real).
+            in_chans: input channels.
+            global_pool: pooling after fc6 (only matters for images larger than ``head_kernel_size`` * 16).
+            drop_rate: dropout before the final logit layer.
+            head_kernel_size: fc6 kernel in conv5 cells; set to image size / 16 so fc6 spans the whole map.
+            head_hidden_size: fc6 width (4096).
+            head_drop_rate: dropout after fc6 (0.5).
+            mask_head: build the drop-mask head (False = Table 1 ablation (g), no mask prediction).
+            bias_init: initial conv bias (0.1, as the authors' code).
+        """
+        super().__init__(
+            num_classes=num_classes,
+            in_chans=in_chans,
+            global_pool=global_pool,
+            drop_rate=drop_rate,
+            head_type='fc',
+            fc_hidden_size=head_hidden_size,
+            fc_kernel_size=head_kernel_size,
+            fc_drop_rate=head_drop_rate,
+            fc_layers=1,
+            norm5=True,
+            bias_init=bias_init,
+            device=device,
+            dtype=dtype,
+        )
+        dd = {'device': device, 'dtype': dtype}
+        self.mask_head = nn.Conv2d(self.num_features, 1, 3, padding=1, **dd) if mask_head else None
+        if self.mask_head is not None:
+            nn.init.xavier_uniform_(self.mask_head.weight)
+            nn.init.constant_(self.mask_head.bias, bias_init)
+        # the authors' input normalisation for [-1, 1] images: 0..255 minus RGB means (non-persistent: no weights)
+        mean255 = torch.tensor([m * 255.0 for m in SPOT_MEAN], **dd).reshape(1, 3, 1, 1)
+        self.register_buffer('pixel_mean', mean255, persistent=False)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^features\.conv1',
+            blocks=[(r'^features\.(?:conv|norm)(\d+)', None), (r'^(?:pre_logits|mask_head)', (99999,))],
+        )
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        if prune_head or self.num_features != 256:
+            self.mask_head = None  # a pretext head: goes with the classifier
+        return take_indices
+
+    @torch.jit.ignore
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the authors' input (0..255 minus the RGB means) = timm-normalised input."""
+        if x.shape[1] != 3:
+            raise ValueError(f'the pretext input normalisation is for RGB images, got {x.shape[1]} channels')
+        return (x + 1.0) * 127.5 - self.pixel_mean.to(x.dtype)
+
+    @torch.jit.ignore
+    def forward_mask(self, features: torch.Tensor) -> torch.Tensor:
+        """Drop-mask logits [B, 1, H/16, W/16] from conv5 features (> 0: cell kept, < 0: artifact)."""
+        if self.mask_head is None:
+            raise RuntimeError('this discriminator was built without a mask head (mask_head=False or pruned)')
+        return self.mask_head(features)
+
+    @torch.jit.ignore
+    def forward_pretext(self, x: torch.Tensor, normalize: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The pretext outputs for images in [-1, 1]: (real logit [B], mask logits [B, 1, H/16, W/16] or None).
+
+        Args:
+            x: images in [-1, 1] (real = autoencoded, or damaged-and-repaired).
+            normalize: apply the authors' input normalisation (False if ``x`` is already timm-normalised).
+        """
+        if normalize:
+            x = self.normalize_input(x)
+        features = self.forward_features(x)
+        logits = self.forward_head(features)
+        real_logit = logits[:, 0] if logits.ndim == 2 else logits.flatten(1)[:, 0]
+        mask_logits = self.mask_head(features) if self.mask_head is not None else None
+        return real_logit, mask_logits
+
+    @torch.jit.ignore
+    def backbone_state_dict(self, fold_norm: bool = True) -> Dict[str, torch.Tensor]:
+        """Trunk weights for ``alexnet_spot``: BN folded into conv5 (default) or kept for ``norm5=True``."""
+        target = AlexNetSpot(num_classes=0, norm5=not fold_norm, device='meta')
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        return {k: v.contiguous() for k, v in checkpoint_filter_fn(state, target).items()}
+
+
+def _create_discriminator(variant: str, pretrained: bool = False, **kwargs: Any) -> AlexNetSpotDiscriminator:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3, 4))
+    return build_spot_model(
+        AlexNetSpotDiscriminator,
+        variant,
+        pretrained,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        'num_classes': 1, 'input_size': (3, 128, 128), 'pool_size': (8, 8),
+        'crop_pct': 0.85, 'interpolation': 'bicubic',
+        'mean': SPOT_MEAN, 'std': SPOT_STD,
+        'first_conv': 'features.conv1', 'classifier': 'head.fc',
+        'license': 'mit',
+        'paper_ids': 'arXiv:1806.05024',
+        'paper_name': 'Self-Supervised Feature Learning by Learning to Spot Artifacts',
+        'origin_url': 'https://github.com/sjenni/LearningToSpotArtifacts',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'alexnet_spot_discriminator.spot_in1k': _cfg(hf_hub_id='timm-spot/alexnet_spot_discriminator.spot_in1k'),
+})
+
+
+@register_model
+def alexnet_spot_discriminator(pretrained: bool = False, **kwargs: Any) -> AlexNetSpotDiscriminator:
+    """Pretext discriminator: AlexNet + BN(conv5), real/corrupt head and drop-mask head."""
+    return _create_discriminator('alexnet_spot_discriminator', pretrained=pretrained, **kwargs)
