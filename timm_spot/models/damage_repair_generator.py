@@ -1,0 +1,727 @@
+"""Damage & Repair generator of "Self-Supervised Feature Learning by Learning to Spot Artifacts".
+
+Paper: Simon Jenni and Paolo Favaro, CVPR 2018, https://arxiv.org/abs/1806.05024
+Authors' TensorFlow 1 demo code: https://github.com/sjenni/LearningToSpotArtifacts (MIT licence).
+
+The generator produces the two kinds of image the discriminator (``alexnet_spot_discriminator``) learns
+to tell apart:
+
+* real examples are *autoencoded* images ``D(E(x))`` (the paper's Sec. 4.2: the decoder's own pixel
+  patterns then appear in both classes, so they cannot be used to spot corrupt images);
+* corrupt examples are made by the *damage & repair* network: the encoder feature ``phi = E(x)`` is
+  damaged by dropping whole spatial cells (all channels) with probability ``theta``, the dropped cells
+  are filled with a 3x3 average of ``phi`` (or noise), and a small *repair network* ``R`` of gated
+  residual blocks, interleaved with the (frozen) decoder layers, inpaints the dropped entries:
+  ``x_hat = D_hat(Omega * phi + (1 - Omega) * avgpool3x3(phi), Omega)``.
+
+Architecture (paper Sec. 4.1, 4.4, Fig. 2, 4, 5; code ``models/AutoEncoder.py``, ``models/SpotNet.py``,
+``layers.py``), with ``k = len(widths)``:
+
+* Encoder ``E`` (``self.encoder``, ``nn.Sequential``): ``encoder.0`` = 3x3/1 conv, ``stem_width`` (32)
+  filters; ``encoder.1..k`` = ``encoder_kernel_size`` (2) x 2 stride-2 convs with ``widths``
+  (64-128-256-512, the paper's widths). Every layer is conv -> BatchNorm -> LeakyReLU, TF 'SAME'
+  padding (timm's ``create_conv2d(padding='same')``, asymmetric where TF is). ``phi`` has
+  ``H / 2**k x W / 2**k`` cells, each seeing an 18x18 input patch (1 px overlap each side); with
+  ``encoder_kernel_size=3`` (Table 1 ablation (h)) each cell sees 33x33 pixels.
+* Decoder ``D`` (``self.decoder``): ``k`` resize-convolutions, bilinear 2x upsampling -> 3x3 conv ->
+  BN -> LeakyReLU, widths mirroring the encoder (256-128-64-32), then ``self.to_rgb`` (3x3 conv to
+  ``in_chans``, with bias, no BN) and ``tanh``: images are in [-1, 1].
+* Drop mask ``Omega`` (``sample_mask``): one Bernoulli draw per cell of ``phi`` shared by all channels,
+  ``1`` = kept, ``0`` = dropped with probability ``theta`` (the DROP rate; the demo code passes 0.3 as
+  the *keep* probability of ``my_dropout``, i.e. it drops 70 %; the paper's baseline drops 50 %).
+* ``damage``: ``phi_hat = Omega * phi + (1 - Omega) * fill``; ``fill='avg'`` is the 3x3, stride 1 'SAME'
+  average pool of ``phi`` (TF's 'SAME' avg-pool excludes the padding: ``count_include_pad=False``);
+  ``fill='noise'`` replaces dropped cells by standard normal noise (the paper's alternative, which it
+  reports performs about the same).
+* Repair network ``R`` (``self.repair``, ``RepairBlock``): gated residual blocks,
+  ``out = in + (1 - Omega_up) * res(in, Omega_up)`` with ``res`` = [BN + LeakyReLU pre-activation
+  (identity in the first block, which acts on ``phi_hat`` directly)] -> concat mask channel -> 3x3 conv
+  -> BN -> LeakyReLU -> 3x3 conv. Kept cells pass through bit-exactly. ``repair='distributed'`` (paper):
+  ``k + 1`` blocks, one on ``phi_hat`` and one after every resize-conv (including the last one at full
+  resolution). Ablations: ``repair='local'`` (b), all ``k + 1`` blocks at ``phi``'s resolution before
+  ``D1``; ``gate=False`` (i), ``out = in + res``; ``repair='none'`` (k), no repair network. The mask is
+  nearest-neighbour upsampled to each decoder resolution.
+
+Training (done by the pretext trainer, not here): stage 1 trains ``autoencoder_parameters()``
+(E, D, to_rgb) with an MSE reconstruction loss; stage 2 freezes them (BN in eval mode) and trains only
+``repair_parameters()`` adversarially against the discriminator.
+
+Paper vs code choices made here (see the project spec):
+
+* leaky ReLU slope 0.1 (paper ``max(x/10, x)``; the code uses ``tf.nn.leaky_relu``'s 0.2): ``leak``;
+* the pre-activation is skipped in the FIRST repair block only (paper Fig. 5; the demo code passes
+  ``idx=0`` to every ``repair_res_layer`` and so skips it in all blocks);
+* BatchNorm as TF: decay 0.975 -> PyTorch ``momentum=0.025``, ``eps=1e-3``, with scale and centre; convs
+  followed by BN have no bias (as ``slim.conv2d`` with a normaliser), the others have one;
+* weights use TF-contrib's ``variance_scaling_initializer(factor=2, mode='FAN_AVG')`` (truncated normal),
+  the code's ``he`` initialiser; biases 0, BN weight 1 / bias 0;
+* bilinear upsampling uses PyTorch's half-pixel-centre convention (``align_corners=False``); TF1's legacy
+  ``tf.image.resize_images`` samples without the half-pixel offset, i.e. its output is shifted by half
+  an input pixel. Ported TF weights therefore reproduce the TF outputs only approximately.
+
+timm API: ``forward_features(x)`` returns the GENERATED IMAGE ``[B, in_chans, H, W]`` in [-1, 1] (so
+``num_features == in_chans``): in train mode the damage & repair image with a fresh random mask (like
+dropout), in eval mode the deterministic autoencoded image. ``forward`` adds timm's ``ClassifierHead``
+(``num_classes=0`` by default: globally pooled images; ``num_classes=0, global_pool=''`` makes the model
+an image-to-image model). ``feature_info`` / ``features_only`` / ``forward_intermediates`` expose the
+five encoder outputs.
+"""
+import math
+from collections import OrderedDict
+from itertools import chain
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import ClassifierHead, create_conv2d, get_device_dtype
+from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
+from timm.models._manipulate import checkpoint, checkpoint_seq
+
+from ._builder import build_spot_model
+
+__all__ = ['DamageRepairGenerator']
+
+_FILL_TYPES = ('avg', 'noise')
+_REPAIR_TYPES = ('distributed', 'local', 'none')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers that look at tensor shapes or draw random numbers. torch.fx cannot trace data-dependent Python (it sees
+# shapes as proxies), so they are registered as leaf functions: an fx trace records one call and runs them on real
+# tensors. NOTE fx only auto-wraps module globals whose name does not start with '_', hence the public-looking names
+# (they are not in __all__). All are TorchScript-compatible.
+# ---------------------------------------------------------------------------------------------------------------
+
+@register_notrace_function
+def check_image_input(x: torch.Tensor, in_chans: int, stride: int) -> torch.Tensor:
+    """Raise ValueError unless ``x`` is ``[B, in_chans, H, W]`` with H and W multiples of ``stride``."""
+    if x.dim() != 4:
+        raise ValueError(f'expected an image batch [B, C, H, W], got a tensor with {x.dim()} dims')
+    if x.shape[1] != in_chans:
+        raise ValueError(f'input has {x.shape[1]} channels, the model expects in_chans={in_chans} channels')
+    h, w = x.shape[2], x.shape[3]
+    if h % stride != 0 or w % stride != 0:
+        raise ValueError(f'input size {h}x{w} is not a multiple of the encoder stride {stride}')
+    return x
+
+
+@register_notrace_function
+def check_drop_mask(mask: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Raise ValueError unless ``mask`` is ``[B, 1, M, N]`` matching the batch and grid of ``ref``."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != ref.shape[0] \
+            or mask.shape[2] != ref.shape[2] or mask.shape[3] != ref.shape[3]:
+        raise ValueError(
+            f'mask of shape {list(mask.shape)} does not match the feature grid: expected '
+            f'[{ref.shape[0]}, 1, {ref.shape[2]}, {ref.shape[3]}]')
+    return mask.to(ref.dtype)
+
+
+def _sample_mask(
+        batch_size: int,
+        height: int,
+        width: int,
+        theta: float,
+        generator: Optional[torch.Generator] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Per-cell drop mask ``[B, 1, M, N]``: 0 (dropped) with probability ``theta``, else 1 (kept)."""
+    if theta < 0. or theta > 1.:
+        raise ValueError(f'theta (drop rate) must be in [0, 1], got {theta}')
+    u = torch.rand([batch_size, 1, height, width], generator=generator, device=device)
+    # u < theta (probability theta) -> dropped; theta=0 keeps everything, theta=1 drops everything
+    mask = (u >= theta).to(torch.float32 if dtype is None else dtype)
+    return mask
+
+
+@register_notrace_function
+def sample_mask_like(ref: torch.Tensor, theta: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Drop mask for the feature ``ref`` ([B, C, M, N]): one draw per cell, on ``ref``'s device, in its dtype."""
+    return _sample_mask(ref.shape[0], ref.shape[2], ref.shape[3], theta, generator, ref.device, ref.dtype)
+
+
+@register_notrace_function
+def noise_like(ref: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Standard normal noise of ``ref``'s shape, device and dtype."""
+    noise = torch.randn(ref.shape, generator=generator, device=ref.device)
+    return noise.to(ref.dtype)
+
+
+def _resize_mask(mask: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour upsampling of the drop mask to ``ref``'s spatial size (paper eq. 2, ``U_{i-1}``)."""
+    return F.interpolate(mask, size=ref.shape[-2:], mode='nearest')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------------
+
+class ConvBnAct(nn.Module):
+    """TF 'SAME' conv (no bias) -> BatchNorm -> LeakyReLU: one encoder layer (``slim.conv2d`` with BN)."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int = 3,
+            stride: int = 1,
+            leak: float = 0.1,
+            bn_momentum: float = 0.025,
+            bn_eps: float = 1e-3,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        # create_conv2d(padding='same') returns nn.Conv2d with static padding when TF 'SAME' is symmetric
+        # (3x3/1) and Conv2dSame (dynamic, asymmetric pad like TF) otherwise (2x2/2, 3x3/2)
+        self.conv = create_conv2d(in_chs, out_chs, kernel_size, stride=stride, padding='same', bias=False, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, eps=bn_eps, momentum=bn_momentum, **dd)
+        self.act = nn.LeakyReLU(leak)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class ResizeConv(nn.Module):
+    """Decoder layer D_i: bilinear 2x upsampling -> 3x3 'SAME' conv -> BatchNorm -> LeakyReLU (``up_conv2d``)."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            leak: float = 0.1,
+            bn_momentum: float = 0.025,
+            bn_eps: float = 1e-3,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        # NOTE TF1's tf.image.resize_images(BILINEAR) (legacy, align_corners=False, no half-pixel centres) samples
+        # the input half a pixel off compared with PyTorch's align_corners=False (half-pixel centres)
+        self.up = nn.Upsample(scale_factor=2., mode='bilinear', align_corners=False)
+        self.conv = create_conv2d(in_chs, out_chs, 3, stride=1, padding='same', bias=False, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, eps=bn_eps, momentum=bn_momentum, **dd)
+        self.act = nn.LeakyReLU(leak)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(self.up(x))))
+
+
+class RepairBlock(nn.Module):
+    """Gated residual repair block R_i (paper Fig. 5, code ``layers.repair_res_layer``).
+
+    ``out = x + (1 - mask) * conv2(act(bn1(conv1(cat([pre(x), mask])))))`` with ``pre`` = BN + LeakyReLU
+    (``nn.Identity`` for the first block, which acts on the damaged feature directly). With ``gate=True``
+    entries where ``mask == 1`` (kept) are returned unchanged, bit for bit; ``gate=False`` is ablation (i).
+    ``mask`` must already be at ``x``'s resolution (``[B, 1, H, W]``).
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            preact: bool = True,
+            gate: bool = True,
+            leak: float = 0.1,
+            bn_momentum: float = 0.025,
+            bn_eps: float = 1e-3,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.gate = gate
+        if preact:
+            self.pre = nn.Sequential(OrderedDict([
+                ('bn', nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum, **dd)),
+                ('act', nn.LeakyReLU(leak)),
+            ]))
+        else:
+            self.pre = nn.Identity()
+        self.conv1 = create_conv2d(channels + 1, channels, 3, stride=1, padding='same', bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum, **dd)
+        self.act1 = nn.LeakyReLU(leak)
+        self.conv2 = create_conv2d(channels, channels, 3, stride=1, padding='same', bias=True, **dd)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.to(x.dtype)
+        residual = self.pre(x)
+        residual = self.conv1(torch.cat([residual, mask], dim=1))
+        residual = self.act1(self.bn1(residual))
+        residual = self.conv2(residual)
+        if self.gate:
+            return x + (1. - mask) * residual
+        return x + residual
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+class DamageRepairGenerator(nn.Module):
+    """Autoencoder {E, D} plus the damage & repair path {Omega * E, R_1, D_1, ..., R_{k+1}} of Jenni & Favaro 2018.
+
+    Paper-named methods (images in [-1, 1]):
+
+    * ``encode(x) -> phi`` ([B, widths[-1], H/2**k, W/2**k]), ``decode(phi) -> image``, ``autoencode(x)``;
+    * ``sample_mask(batch_size, grid_size, theta=None, generator=None, device=None, dtype=None)`` -> Omega
+      ``[B, 1, M, N]`` (1 = kept, 0 = dropped with probability ``theta``, default ``self.theta``);
+    * ``damage(phi, mask, generator=None) -> phi_hat``;
+    * ``repair_decode(phi_hat, mask) -> x_hat`` (repair blocks interleaved with the decoder layers);
+    * ``damage_and_repair(x, mask=None, generator=None) -> (x_hat, mask)``;
+    * ``autoencoder_parameters()`` (stage 1: E, D, to_rgb) and ``repair_parameters()`` (stage 2: R).
+
+    timm API: ``forward_features(x)`` returns the generated image ``[B, in_chans, H, W]`` (train mode:
+    ``damage_and_repair`` with a fresh mask, like dropout; eval mode: ``autoencode``, deterministic), so
+    ``num_features == in_chans``; ``forward_head`` / ``forward`` apply a timm ``ClassifierHead`` (``num_classes=0``
+    and ``global_pool=''`` return the images themselves). ``feature_info`` lists the ``k + 1`` encoder outputs
+    ``encoder.0`` .. ``encoder.k`` (reductions 1, 2, .., 2**k), used by ``features_only=True`` and
+    ``forward_intermediates``. ``prune_intermediate_layers`` keeps the encoder up to the last wanted tap and (with
+    the head) drops the decoder, repair network and ``to_rgb``; ``forward_features`` then returns that encoder tap.
+    Inputs must have ``in_chans`` channels and H, W multiples of ``2**k`` (ValueError otherwise).
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 0,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            stem_width: int = 32,
+            widths: Tuple[int, ...] = (64, 128, 256, 512),
+            encoder_kernel_size: int = 2,
+            leak: float = 0.1,
+            theta: float = 0.7,
+            fill: str = 'avg',
+            repair: str = 'distributed',
+            gate: bool = True,
+            bn_momentum: float = 0.025,
+            bn_eps: float = 1e-3,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """
+        Args:
+            in_chans: Image channels (input and generated output).
+            num_classes: Classes of the timm head on the pooled generated image (0: no classifier).
+            global_pool: timm global pooling of the head ('' keeps the image).
+            drop_rate: Dropout before the head's classifier.
+            stem_width: Filters of the 3x3 stride-1 first encoder layer and of the last decoder layer (32).
+            widths: Filters of the stride-2 encoder layers; ``k = len(widths)`` (paper: 64, 128, 256, 512).
+            encoder_kernel_size: Kernel of the stride-2 encoder convs (2: paper, 18x18 receptive field;
+                3: Table 1 ablation (h), 33x33).
+            leak: Negative slope of the leaky ReLUs (paper 0.1).
+            theta: Drop rate of the feature cells (0.7 for the released models, 0.5 in the ablation baseline).
+            fill: Value of dropped cells, 'avg' (3x3 average of phi) or 'noise' (standard normal).
+            repair: 'distributed' (paper), 'local' (ablation (b)) or 'none' (ablation (k)).
+            gate: Gate the repair residuals with (1 - mask) (False: ablation (i)).
+            bn_momentum: BatchNorm momentum (TF decay 0.975 -> 0.025).
+            bn_eps: BatchNorm epsilon (TF 1e-3).
+            device: Device of the parameters.
+            dtype: Dtype of the parameters.
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        widths = tuple(int(w) for w in widths)
+        if len(widths) < 1:
+            raise ValueError('widths must list at least one stride-2 encoder layer')
+        if fill not in _FILL_TYPES:
+            raise ValueError(f"fill must be one of {_FILL_TYPES}, got {fill!r}")
+        if repair not in _REPAIR_TYPES:
+            raise ValueError(f"repair must be one of {_REPAIR_TYPES}, got {repair!r}")
+        if not 0. <= theta <= 1.:
+            raise ValueError(f'theta (drop rate) must be in [0, 1], got {theta}')
+        if encoder_kernel_size < 1:
+            raise ValueError(f'encoder_kernel_size must be >= 1, got {encoder_kernel_size}')
+        num_down = len(widths)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.theta = float(theta)
+        self.fill = fill
+        self.repair_mode = repair
+        self.gate = gate
+        self.encoder_stride = 2 ** num_down
+        self.has_decoder = True  # False once prune_intermediate_layers() removed decoder / repair / to_rgb
+        self.grad_checkpointing = False
+        layer_kwargs = dict(leak=leak, bn_momentum=bn_momentum, bn_eps=bn_eps, **dd)
+
+        # E: encoder.0 = 3x3/1 stem, encoder.1..k = k x k/2 down layers (registered first: FeatureListNet relies
+        # on the module order to stop after the encoder)
+        self.feature_info: List[Dict[str, Any]] = [dict(num_chs=stem_width, reduction=1, module='encoder.0')]
+        enc_layers: List[nn.Module] = [ConvBnAct(in_chans, stem_width, 3, 1, **layer_kwargs)]
+        prev_chs = stem_width
+        for i, w in enumerate(widths):
+            enc_layers.append(ConvBnAct(prev_chs, w, encoder_kernel_size, 2, **layer_kwargs))
+            self.feature_info.append(dict(num_chs=w, reduction=2 ** (i + 1), module=f'encoder.{i + 1}'))
+            prev_chs = w
+        self.encoder = nn.Sequential(*enc_layers)
+        self.num_taps = len(self.feature_info)
+
+        # D: k resize-convs, widths mirror the encoder (reversed(widths[:-1]) then stem_width), then to_rgb + tanh
+        dec_widths = list(reversed(widths[:-1])) + [stem_width]
+        dec_layers: List[nn.Module] = []
+        for w in dec_widths:
+            dec_layers.append(ResizeConv(prev_chs, w, **layer_kwargs))
+            prev_chs = w
+        self.decoder = nn.Sequential(*dec_layers)
+        self.to_rgb = create_conv2d(stem_width, in_chans, 3, stride=1, padding='same', bias=True, **dd)
+
+        # R: k + 1 gated residual repair blocks
+        if repair == 'distributed':
+            repair_widths = [widths[-1]] + dec_widths
+        elif repair == 'local':
+            repair_widths = [widths[-1]] * (num_down + 1)
+        else:
+            repair_widths = []
+        self.repair = nn.ModuleList([
+            RepairBlock(w, preact=i > 0, gate=gate, **layer_kwargs) for i, w in enumerate(repair_widths)
+        ])
+
+        self.num_features = in_chans  # forward_features returns the generated image
+        self.head = ClassifierHead(
+            self.num_features,
+            num_classes,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
+            **dd,
+        )
+        self.head_hidden_size = self.head.num_features
+
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """TF-contrib ``variance_scaling_initializer(factor=2.0, mode='FAN_AVG')`` (the code's ``he``) for convs."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # truncated normal (at 2 std) with std sqrt(1.3 * 2 / fan_avg), as TF's non-uniform variance scaling
+                receptive = m.weight[0][0].numel()
+                fan_avg = 0.5 * (m.in_channels // m.groups + m.out_channels) * receptive
+                std = math.sqrt(1.3 * 2.0 / fan_avg)
+                nn.init.trunc_normal_(m.weight, mean=0., std=std, a=-2. * std, b=2. * std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0., 0.01)
+                nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # timm model API
+    # ----------------------------------------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups: encoder stem, encoder down layers, decoder (+ to_rgb), repair network."""
+        return dict(
+            stem=r'^encoder\.0\.',
+            blocks=r'^encoder\.(\d+)',
+            decoder=r'^decoder|^to_rgb' if coarse else [(r'^decoder\.(\d+)', None), (r'^to_rgb', (99999,))],
+            repair=r'^repair' if coarse else r'^repair\.(\d+)',
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every encoder / decoder layer and repair block (recomputed in backward)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier (``num_classes=0``: none); ``global_pool=None`` keeps the current pooling."""
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, **dd)
+        self.head_hidden_size = self.head.num_features
+
+    @torch.jit.ignore
+    def autoencoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the autoencoder {E, D, to_rgb}: what stage 1 trains (frozen in stage 2)."""
+        return chain(self.encoder.parameters(), self.decoder.parameters(), self.to_rgb.parameters())
+
+    @torch.jit.ignore
+    def repair_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the repair network R: what stage 2 trains adversarially (empty for ``repair='none'``)."""
+        return self.repair.parameters()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Paper components
+    # ----------------------------------------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """E: image ``[B, in_chans, H, W]`` in [-1, 1] -> feature phi ``[B, widths[-1], H/2**k, W/2**k]``."""
+        x = check_image_input(x, self.in_chans, self.encoder_stride)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.encoder, x)
+        return self.encoder(x)
+
+    def _to_image(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.to_rgb(x))
+
+    def decode(self, phi: torch.Tensor) -> torch.Tensor:
+        """D: feature phi -> image in [-1, 1] (the plain autoencoder path, no repair)."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.decoder, phi)
+        else:
+            x = self.decoder(phi)
+        return self._to_image(x)
+
+    def autoencode(self, x: torch.Tensor) -> torch.Tensor:
+        """D(E(x)): the 'real' examples of the discriminator."""
+        return self.decode(self.encode(x))
+
+    @torch.jit.ignore
+    def sample_mask(
+            self,
+            batch_size: int,
+            grid_size: Union[int, Tuple[int, int]],
+            theta: Optional[float] = None,
+            generator: Optional[torch.Generator] = None,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
+    ) -> torch.Tensor:
+        """Drop mask Omega ``[batch_size, 1, M, N]`` (float, 1 = kept, 0 = dropped).
+
+        Every cell (shared by all channels of phi) is dropped independently with probability ``theta``
+        (the drop rate, default ``self.theta``). ``generator`` makes the draw reproducible.
+        """
+        if isinstance(grid_size, int):
+            grid_size = (grid_size, grid_size)
+        theta = self.theta if theta is None else float(theta)
+        device = torch.device(device) if device is not None else None
+        return _sample_mask(batch_size, grid_size[0], grid_size[1], theta, generator, device, dtype)
+
+    def damage(
+            self,
+            phi: torch.Tensor,
+            mask: torch.Tensor,
+            generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """phi_hat = mask * phi + (1 - mask) * fill; kept cells (mask == 1) are left untouched.
+
+        ``fill='avg'``: 3x3, stride 1 'SAME' average pool of phi (TF excludes the padding at the borders);
+        ``fill='noise'``: standard normal noise (``generator`` makes it reproducible).
+        """
+        mask = check_drop_mask(mask, phi)
+        if self.fill == 'noise':
+            fill = noise_like(phi, generator)
+        else:
+            fill = F.avg_pool2d(phi, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        return mask * phi + (1. - mask) * fill
+
+    def repair_decode(self, phi_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """D_hat = {R_1, D_1, R_2, ..., D_k, R_{k+1}}: damaged feature + mask -> corrupt image x_hat in [-1, 1].
+
+        The mask is nearest-neighbour upsampled to every decoder resolution. ``repair='local'`` applies all
+        blocks before D_1, ``repair='none'`` decodes phi_hat directly.
+        """
+        mask = check_drop_mask(mask, phi_hat)
+        use_ckpt = self.grad_checkpointing and not torch.jit.is_scripting()
+        x = phi_hat
+        # NOTE TorchScript can neither slice nor index an nn.ModuleList with a variable, the loops below pick the
+        # repair block for each position by comparing (unrolled) loop indices instead
+        for i, block in enumerate(self.repair):
+            if self.repair_mode == 'local' or i == 0:
+                if use_ckpt and not torch.jit.is_scripting():
+                    x = checkpoint(block, x, mask)
+                else:
+                    x = block(x, mask)
+        for j, layer in enumerate(self.decoder):
+            if use_ckpt and not torch.jit.is_scripting():
+                x = checkpoint(layer, x)
+            else:
+                x = layer(x)
+            if self.repair_mode == 'distributed':
+                mask_j = _resize_mask(mask, x)
+                for k, block_k in enumerate(self.repair):
+                    if k == j + 1:
+                        if use_ckpt and not torch.jit.is_scripting():
+                            x = checkpoint(block_k, x, mask_j)
+                        else:
+                            x = block_k(x, mask_j)
+        return self._to_image(x)
+
+    def damage_and_repair(
+            self,
+            x: torch.Tensor,
+            mask: Optional[torch.Tensor] = None,
+            generator: Optional[torch.Generator] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Corrupt image x_hat = D_hat(damage(E(x), mask), mask) and the mask used (sampled if None)."""
+        phi = self.encode(x)
+        if mask is None:
+            mask = sample_mask_like(phi, self.theta, generator)
+        mask = check_drop_mask(mask, phi)
+        x_hat = self.repair_decode(self.damage(phi, mask, generator), mask)
+        return x_hat, mask
+
+    def _generate(self, phi: torch.Tensor) -> torch.Tensor:
+        """Image from phi: train mode damage & repair with a fresh mask, eval mode the plain decoder."""
+        if self.training:
+            mask = sample_mask_like(phi, self.theta, None)
+            return self.repair_decode(self.damage(phi, mask), mask)
+        return self.decode(phi)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # timm forward API
+    # ----------------------------------------------------------------------------------------------------------
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Encoder outputs (``encoder.0`` .. ``encoder.k``) and the generated image.
+
+        Args:
+            x: Input images ``[B, in_chans, H, W]`` in [-1, 1].
+            indices: Take last n encoder outputs if int, all if None, select matching indices if sequence.
+            norm: Unused (no final norm).
+            stop_early: Stop after the last wanted encoder layer; the returned final tensor is then that encoder
+                output, except when the last encoder layer is wanted (the generator then runs as usual).
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return the intermediates only.
+
+        Returns:
+            ``(forward_features(x), intermediates)`` or just the intermediates.
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        x = check_image_input(x, self.in_chans, self.encoder_stride)
+        intermediates: List[torch.Tensor] = []
+        num_taps = self.num_taps
+        take_indices, max_index = feature_take_indices(num_taps, indices)
+
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            layers = self.encoder
+        else:
+            layers = self.encoder[:max_index + 1]
+        for i, layer in enumerate(layers):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(layer, x)
+            else:
+                x = layer(x)
+            if i in take_indices:
+                intermediates.append(x)
+
+        if intermediates_only:
+            return intermediates
+
+        if self.has_decoder and (not stop_early or max_index == num_taps - 1):
+            x = self._generate(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Keep the encoder up to the last wanted tap; with the head (or when the encoder is cut) also drop the
+        decoder, repair network and to_rgb: ``forward_features`` then returns the last kept encoder output.
+
+        Args:
+            indices: Indices of the encoder outputs to keep.
+            prune_norm: Unused (no final norm).
+            prune_head: Drop the head (and the generator decoder, which acts as the model's neck).
+
+        Returns:
+            List of indices that were kept.
+        """
+        num_taps = self.num_taps
+        take_indices, max_index = feature_take_indices(num_taps, indices)
+        prune_end = max_index < num_taps - 1
+        self.encoder = self.encoder[:max_index + 1]
+        self.encoder_stride = self.feature_info[max_index]['reduction']
+        if prune_head or prune_end:
+            self.decoder = nn.Sequential()
+            self.repair = nn.ModuleList()
+            self.to_rgb = nn.Identity()
+            self.has_decoder = False
+            self.num_features = self.feature_info[max_index]['num_chs']
+            self.head = ClassifierHead(
+                self.num_features,
+                0,
+                pool_type='',
+                drop_rate=self.head.drop.p,
+                **get_device_dtype(self),
+            )
+            self.head.train(self.training)
+            self.head_hidden_size = self.head.num_features
+            self.num_classes = 0
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Generated image ``[B, in_chans, H, W]`` in [-1, 1]: damage & repair (train) or autoencoded (eval)."""
+        phi = self.encode(x)
+        if not self.has_decoder:
+            return phi
+        return self._generate(phi)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+def _create_damage_repair_generator(variant: str, pretrained: bool = False, **kwargs: Any) -> DamageRepairGenerator:
+    """Build through timm's ``build_model_with_cfg`` (pretrained cfg, features_only, strict weight loading).
+
+    ``build_spot_model`` re-raises weight-loading failures (nothing published on the Hub, offline, keys that do not
+    match) as RuntimeErrors naming the source and suggesting ``pretrained_cfg_overlay=dict(file=...)``.
+    """
+    # all encoder outputs (stem + one per stride-2 layer): (0, 1, 2, 3, 4) for the paper's k = 4
+    num_taps = len(kwargs.get('widths', (64, 128, 256, 512))) + 1
+    return build_spot_model(
+        DamageRepairGenerator,
+        variant,
+        pretrained,
+        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_taps))),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 0,
+        'input_size': (3, 128, 128),
+        'pool_size': (128, 128),
+        'crop_pct': 0.85,
+        'interpolation': 'bicubic',
+        'mean': (0.5, 0.5, 0.5),  # the generator works on images in [-1, 1]
+        'std': (0.5, 0.5, 0.5),
+        'first_conv': 'encoder.0.conv',
+        'classifier': 'head.fc',
+        'license': 'mit',
+        'paper_ids': 'arXiv:1806.05024',
+        'paper_name': 'Self-Supervised Feature Learning by Learning to Spot Artifacts',
+        'origin_url': 'https://github.com/sjenni/LearningToSpotArtifacts',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'damage_repair_generator.spot_in1k': _cfg(hf_hub_id='timm-spot/damage_repair_generator.spot_in1k'),
+})
+
+
+@register_model
+def damage_repair_generator(pretrained: bool = False, **kwargs: Any) -> DamageRepairGenerator:
+    """Damage & repair generator (paper: k = 4, widths 64-128-256-512, 2x2 encoder convs, theta 0.7)."""
+    return _create_damage_repair_generator('damage_repair_generator', pretrained, **kwargs)
