@@ -13,14 +13,22 @@ from timm.models._registry import get_pretrained_cfg
 __all__ = ['build_spot_model']
 
 
-def _weights_source(variant: str, overlay: Optional[dict]) -> str:
+def _weights_source(variant: str, overlay: Optional[dict], pretrained_cfg: Any = None) -> str:
     overlay = overlay or {}
     if overlay.get('file'):
         return f"file {overlay['file']!r}"
     if overlay.get('state_dict') is not None:
         return 'the given state_dict'
-    cfg = get_pretrained_cfg(variant)
-    hub_id = overlay.get('hf_hub_id') or (cfg.hf_hub_id if cfg is not None else None)
+    # the cfg timm will use: a dict (from an hf-hub:/local-dir: config.json, or passed in), else the registry's
+    if isinstance(pretrained_cfg, dict):
+        cfg = pretrained_cfg
+    else:
+        tagged = f'{variant}.{pretrained_cfg}' if isinstance(pretrained_cfg, str) else variant
+        registry_cfg = get_pretrained_cfg(tagged)
+        cfg = registry_cfg.to_dict() if registry_cfg is not None else {}
+    if cfg.get('source') == 'local-dir':
+        return f"local folder {cfg.get('file')!r}"
+    hub_id = overlay.get('hf_hub_id') or cfg.get('hf_hub_id')
     return f'Hugging Face Hub repo {hub_id!r}' if hub_id else 'no source'
 
 
@@ -34,7 +42,7 @@ def build_spot_model(
     """``build_model_with_cfg`` with errors that name the weights source and the problem."""
     if not pretrained:
         return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
-    source = _weights_source(variant, kwargs.get('pretrained_cfg_overlay'))
+    source = _weights_source(variant, kwargs.get('pretrained_cfg_overlay'), kwargs.get('pretrained_cfg'))
     try:
         return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
     except TypeError:

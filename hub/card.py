@@ -1,0 +1,382 @@
+"""Model cards (``README.md`` with Hub YAML front matter) for the exported models.
+
+Measured results come from ``--results`` (a JSON file); the card's ``model-index`` holds ONLY those, labelled as
+this project's measurements of these weights. The paper's numbers (Jenni & Favaro 2018, the authors' TF model)
+appear in the card body next to them, never in ``model-index``.
+
+Accepted ``--results`` layouts (values are top-1 accuracies in percent):
+
+* the dict returned by ``timm_spot.eval.layerwise_probe`` / ``train_linear_probes``:
+  ``{"conv1": {"top1": 19.1, ...}, ..., "conv5": {...}, "_meta": {...}}``;
+* ``{"evaluations": [EVAL, ...]}`` or ``[EVAL, ...]`` with
+  ``EVAL = {"dataset": "ILSVRC/imagenet-1k" | {"name", "type", "split"}, "split": "validation",
+  "protocol": "...", "layers": {"conv1": 19.1 | {"top1": 19.1}, ...}, "_meta": {...}}``;
+* any of these keyed by model name (``{"alexnet_spot": ..., "alexnet_spot_discriminator": ...}``); unkeyed
+  results belong to ``alexnet_spot``.
+"""
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+__all__ = ['normalize_results', 'render_card', 'split_front_matter', 'PAPER_RESULTS']
+
+_MODELS = ('alexnet_spot', 'alexnet_spot_discriminator', 'damage_repair_generator')
+_LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
+
+PAPER = 'Self-Supervised Feature Learning by Learning to Spot Artifacts'
+PAPER_URL = 'https://arxiv.org/abs/1806.05024'
+CODE_URL = 'https://github.com/sjenni/LearningToSpotArtifacts'
+
+# Jenni & Favaro, CVPR 2018 (numbers of the authors' model, NOT of these weights)
+PAPER_RESULTS = {
+    'imagenet_probes': {  # Table 4: linear probes on frozen layers, ImageNet val top-1 (Zhang et al. protocol)
+        'ours (paper)': (19.5, 33.3, 37.9, 38.9, 34.9),
+        'random init (paper)': (11.6, 17.1, 16.9, 16.3, 14.1),
+        'supervised ImageNet (paper)': (19.3, 36.3, 44.2, 48.3, 50.5),
+    },
+    'places_probes': {  # Table 5: the same on Places
+        'ours (paper)': (23.3, 34.3, 36.9, 37.3, 34.4),
+        'random init (paper)': (15.7, 20.3, 19.8, 19.1, 17.5),
+    },
+    'stl10': {'frozen conv1-5 + linear': '76.9 +- 0.2', 'fine-tuned': '80.1 +- 0.3'},  # Table 2
+    'voc': {'classification (mAP)': 69.8, 'detection (mAP)': 52.5, 'segmentation (mIU)': 38.1},  # Table 3
+}
+
+_CITATION = """@inproceedings{jenni2018spot,
+  title     = {Self-Supervised Feature Learning by Learning to Spot Artifacts},
+  author    = {Jenni, Simon and Favaro, Paolo},
+  booktitle = {Proceedings of the IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2018}
+}"""
+
+_MODEL_INFO = {
+    'alexnet_spot': dict(
+        pipeline_tag='image-feature-extraction',
+        tags=['image-feature-extraction', 'timm', 'self-supervised', 'timm-spot', 'learning-to-spot-artifacts',
+              'alexnet'],
+        summary='AlexNet conv1..conv5 backbone pretrained without labels by learning to spot artifacts: the '
+                'transferable part of the pretext discriminator (its pretraining BatchNorm after conv5 folded '
+                'into conv5). No classifier (`num_classes=0`): the model returns pooled 256-d conv5 features.',
+        io='Input: RGB images normalised with this config\'s mean/std (the authors\' 0..255 minus ImageNet RGB '
+           'means, i.e. std 1/255). `forward_features` returns the conv5 map (256 x H/16 x W/16, TF-"SAME" '
+           'padding, no pool5); `features_only=True` gives the conv1..conv5 taps after ReLU (strides 4, 8, 16, '
+           '16, 16).',
+        snippet="""with torch.no_grad():
+    pooled = model(x)                  # [1, 256] pooled conv5 features (num_classes=0)
+    conv5 = model.forward_features(x)  # [1, 256, H/16, W/16]
+
+# conv1..conv5 taps (after ReLU), e.g. for layerwise linear probes
+taps = timm.create_model({create_args}, features_only=True).eval()
+# fine-tuning with a new classifier: timm.create_model({create_args}, num_classes=10)""",
+    ),
+    'alexnet_spot_discriminator': dict(
+        pipeline_tag='image-classification',
+        tags=['image-classification', 'image-feature-extraction', 'timm', 'self-supervised', 'timm-spot',
+              'learning-to-spot-artifacts', 'alexnet', 'discriminator'],
+        summary='The pretext discriminator C of "Learning to Spot Artifacts": AlexNet conv1..conv5 with BatchNorm '
+                'after conv5, a real/corrupt head (fc6 spanning the conv5 map, one logit: > 0 means real) and a '
+                'drop-mask head (per conv5 cell: > 0 kept, < 0 artifact). For transfer use `alexnet_spot`.',
+        io='`forward` takes timm-normalised images (this config\'s mean/std) and returns the real/corrupt logit; '
+           '`forward_pretext(x)` takes images in [-1, 1] and returns (real logit, mask logits).',
+        snippet="""with torch.no_grad():
+    real_logit = model(x)                                   # [1, 1], > 0: looks real
+    real, mask = model.forward_pretext(x_in_minus1_to_1)    # mask logits [1, 1, H/16, W/16]""",
+    ),
+    'damage_repair_generator': dict(
+        pipeline_tag='image-to-image',
+        tags=['image-to-image', 'image-feature-extraction', 'timm', 'self-supervised', 'timm-spot',
+              'learning-to-spot-artifacts', 'autoencoder'],
+        summary='The damage & repair generator of "Learning to Spot Artifacts": an autoencoder (E, D) whose '
+                'encoder features are damaged by dropping whole cells and repaired by gated residual blocks; it '
+                'makes the real (autoencoded) and corrupt (repaired) images the discriminator learns to tell '
+                'apart.',
+        io='Images in [-1, 1] (mean = std = 0.5 in timm\'s convention), H and W multiples of 16. '
+           '`forward_features` returns the generated image (eval: autoencoded; train: damaged & repaired).',
+        snippet="""with torch.no_grad():
+    recon = model.autoencode(x_in_minus1_to_1)                      # real examples D(E(x))
+    corrupt, mask = model.damage_and_repair(x_in_minus1_to_1)        # corrupt examples and the drop mask""",
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------------------------------
+
+def _layer_value(v: Any) -> Optional[float]:
+    if isinstance(v, dict):
+        v = v.get('top1', v.get('acc', v.get('accuracy')))
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def _dataset_fields(item: Dict[str, Any], meta: Dict[str, Any]) -> Dict[str, str]:
+    ds = item.get('dataset', meta.get('dataset', meta.get('source')))
+    if isinstance(ds, dict):
+        name = ds.get('name') or ds.get('type') or 'unspecified'
+        out = {'name': str(name), 'type': str(ds.get('type') or name)}
+        if ds.get('split'):
+            out['split'] = str(ds['split'])
+    else:
+        name = str(ds) if ds else 'unspecified'
+        out = {'name': name, 'type': name}
+    split = item.get('split') or meta.get('val_split') or meta.get('split')
+    if split and 'split' not in out:
+        out['split'] = str(split)
+    return out
+
+
+def _normalize_eval(item: Any) -> Dict[str, Any]:
+    if not isinstance(item, dict):
+        raise ValueError(f'an evaluation must be a JSON object, got {type(item).__name__}')
+    meta = item.get('_meta') or item.get('meta') or {}
+    raw_layers = item.get('layers')
+    if raw_layers is None:
+        raw_layers = {k: v for k, v in item.items() if not k.startswith('_') and _layer_value(v) is not None
+                      and k not in ('split',)}
+    layers = {}
+    for k, v in raw_layers.items():
+        val = _layer_value(v)
+        if val is None:
+            raise ValueError(f'results: layer {k!r} has no top-1 value ({v!r})')
+        if not 0.0 <= val <= 100.0:
+            raise ValueError(f'results: layer {k!r} top-1 {val} is not a percentage')
+        layers[str(k)] = round(val, 2)
+    if not layers:
+        raise ValueError(f'results: no per-layer accuracies in {sorted(item)}')
+    notes = {}
+    for key in ('img_size', 'n_train', 'n_val', 'num_classes', 'weights', 'seconds_total'):
+        if meta.get(key) is not None:
+            notes[key] = meta[key]
+    cfg = meta.get('config') or {}
+    if isinstance(cfg, dict) and cfg.get('epochs') is not None:
+        notes['probe_epochs'] = cfg['epochs']
+    if item.get('notes'):
+        notes['notes'] = item['notes']
+    return dict(
+        dataset=_dataset_fields(item, meta),
+        protocol=str(item.get('protocol') or 'linear probe on frozen features, one per layer'),
+        layers=layers,
+        notes=notes,
+    )
+
+
+def normalize_results(results: Any, model_name: str) -> List[Dict[str, Any]]:
+    """Evaluations of ``model_name`` in ``results`` (a path, or the parsed JSON), in a uniform layout."""
+    if isinstance(results, (str, os.PathLike)):
+        results = json.loads(Path(results).read_text(encoding='utf-8'))
+    if results is None:
+        return []
+    if isinstance(results, dict) and any(k in _MODELS for k in results):
+        results = results.get(model_name)
+        if results is None:
+            return []
+    elif model_name != 'alexnet_spot':
+        return []  # unkeyed results are the transferable backbone's
+    if isinstance(results, dict) and 'evaluations' in results:
+        items = results['evaluations']
+    elif isinstance(results, list):
+        items = results
+    else:
+        items = [results]
+    return [_normalize_eval(i) for i in items]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# card
+# ----------------------------------------------------------------------------------------------------------------
+
+def _hf_dataset_id(source: Optional[str]) -> Optional[str]:
+    if not source or source == 'builtin':
+        return None
+    if '/' in source and not os.path.exists(source) and not source.startswith(('.', '/', '~')) and \
+            source.count('/') == 1 and not source.endswith(('.parquet', '.arrow', '.csv', '.json', '.jsonl')):
+        return source
+    return None
+
+
+def split_front_matter(text: str) -> Tuple[dict, str]:
+    """(YAML front matter as a dict, body) of a model card."""
+    if not text.startswith('---\n'):
+        raise ValueError('model card has no YAML front matter (must start with ---)')
+    end = text.find('\n---\n', 4)
+    if end < 0:
+        raise ValueError('model card front matter is not closed by ---')
+    meta = yaml.safe_load(text[4:end])
+    if not isinstance(meta, dict):
+        raise ValueError('model card front matter is not a mapping')
+    return meta, text[end + 5:]
+
+
+def _fmt(v: Any) -> str:
+    return f'{v:.2f}' if isinstance(v, float) else str(v)
+
+
+def _eval_label(ev: Dict[str, Any]) -> str:
+    ds = ev['dataset']
+    label = ds['name'] + (f" ({ds['split']})" if ds.get('split') else '')
+    if ev['notes'].get('img_size'):
+        label += f", {ev['notes']['img_size']} px"
+    return label
+
+
+def render_card(
+        name: str,
+        repo_id: str,
+        config: Dict[str, Any],
+        metadata: Dict[str, str],
+        registry: Dict[str, Any],
+        evaluations: Sequence[Dict[str, Any]] = (),
+        metrics: Optional[Dict[str, Any]] = None,
+        datasets: Optional[Sequence[str]] = None,
+        data_source: Optional[str] = None,
+        num_params: Optional[int] = None,
+        warnings: Sequence[str] = (),
+        has_training_config: bool = False,
+        git_revision: Optional[str] = None,
+) -> str:
+    """The README.md of one exported model folder."""
+    info = _MODEL_INFO[name]
+    pcfg = config.get('pretrained_cfg', {})
+    tag = metadata.get('pretrained_tag', 'spot_in1k')
+    model_id = f'{name}.{tag}'
+    if datasets:
+        ds_list = list(datasets)
+    elif data_source:  # a Hub dataset id is named as is; local files or the demo photos are no Hub dataset
+        guessed = _hf_dataset_id(data_source)
+        ds_list = [guessed] if guessed else []
+    else:  # not recorded: what the tag stands for (export warns)
+        ds_list = ['ILSVRC/imagenet-1k'] if tag.endswith('in1k') else []
+
+    front: Dict[str, Any] = {
+        'library_name': 'timm',
+        'license': pcfg.get('license', 'mit'),
+        'pipeline_tag': info['pipeline_tag'],
+        'tags': list(info['tags']),
+    }
+    if ds_list:
+        front['datasets'] = ds_list
+    if evaluations:
+        results = []
+        for ev in evaluations:
+            ds = dict(ev['dataset'])
+            results.append({
+                'task': {'type': 'image-classification',
+                         'name': f"{ev['protocol']} (timm-spot measurement of these weights)"},
+                'dataset': ds,
+                'metrics': [
+                    {'type': 'accuracy', 'name': f'{layer} top-1, linear probe (measured by timm-spot)',
+                     'value': value, 'verified': False}
+                    for layer, value in ev['layers'].items()
+                ],
+            })
+        front['model-index'] = [{'name': model_id, 'results': results}]
+
+    registry_ok = registry.get('loadable', True)
+    create_args = f"'{name}', pretrained=True" if registry.get('equivalent', True) \
+        else f"'hf-hub:{repo_id}', pretrained=True"
+    lines: List[str] = ['---', yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=1000).rstrip(),
+                        '---', '', f'# Model card for {model_id}', '', info['summary'], '']
+    if warnings:
+        lines += ['> **Note**', '>'] + [f'> - {w}' for w in warnings] + ['']
+
+    lines += ['## Model details', '',
+              f'- **Model type:** {info["pipeline_tag"]} (timm architecture `{name}`, registered by the `timm-spot` '
+              f'package)']
+    if num_params is not None:
+        lines.append(f'- **Parameters (M):** {num_params / 1e6:.2f}')
+    in_size = pcfg.get('input_size')
+    if in_size:
+        lines.append(f'- **Image size:** {in_size[1]} x {in_size[2]} (any multiple of 16 works)')
+    lines += [
+        f'- **Input normalisation:** mean {[round(m, 4) for m in pcfg.get("mean", [])]}, '
+        f'std {[round(s, 5) for s in pcfg.get("std", [])]} (timm convention, images in 0..1)',
+        f'- **Papers:** [{PAPER}]({PAPER_URL}) (Jenni & Favaro, CVPR 2018)',
+        f'- **Original code:** {CODE_URL} (TensorFlow 1 demo; this is a PyTorch re-implementation, trained by '
+        f'timm-spot, not the authors\' weights)',
+        f'- **Pretraining data:** {data_source or "not recorded"}',
+        f'- **Constructor arguments (`model_args` in config.json):** `{json.dumps(config.get("model_args", {}))}`',
+        '', info['io'], '',
+    ]
+
+    lines += ['## Usage', '', '```python', 'import timm', 'import torch',
+              'import timm_spot  # registers the timm-spot models with timm (pip install timm-spot)', '']
+    if registry_ok and registry.get('equivalent', True):
+        lines += [f"model = timm.create_model('{name}', pretrained=True).eval()",
+                  '# or name this repo explicitly (reads its config.json):',
+                  f"# model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()"]
+    else:
+        lines += ["# these weights use non-default constructor arguments: load them through the repo id",
+                  f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()"]
+    lines += ['',
+              'data_config = timm.data.resolve_model_data_config(model)',
+              'transform = timm.data.create_transform(**data_config, is_training=False)',
+              'x = transform(img).unsqueeze(0)  # img: a PIL image', '',
+              info['snippet'].format(create_args=create_args), '```', '']
+    lines += ['Pin an exact revision (recommended for reproducible work): '
+              f"`timm.create_model('hf-hub:{repo_id}@<commit>', pretrained=True)`; a default cfg can carry the "
+              f"same `hf_hub_id='{repo_id}@<commit>'`.", '',
+              'Offline: download once (`hf download ' + repo_id + '`), copy the Hugging Face cache to the offline '
+              'machine and set `HF_HUB_OFFLINE=1`; or build the cache from an exported folder with timm-spot\'s '
+              f'`python -m hub cache <folder> --repo-id {repo_id} --cache-dir $HF_HUB_CACHE`.', '']
+    if not registry_ok:
+        lines += [f"`timm.create_model('{name}', pretrained=True)` does NOT load these weights: the registered "
+                  'defaults build other tensor shapes (' + '; '.join(registry.get('shape_mismatches', [])[:3]) +
+                  ').', '']
+    elif not registry.get('equivalent', True):
+        diff = ', '.join(f"{k}={v['exported']!r} (registry default {v['registry']!r})"
+                         for k, v in registry.get('nondefault_args', {}).items())
+        lines += [f"`timm.create_model('{name}', pretrained=True)` loads these weights into a model built with "
+                  f"the registry defaults, which differ: {diff}. Use the `hf-hub:` name.", '']
+
+    lines += ['## Results', '']
+    if evaluations:
+        layers = [l for l in _LAYERS if any(l in ev['layers'] for ev in evaluations)]
+        other = sorted({l for ev in evaluations for l in ev['layers'] if l not in _LAYERS})
+        cols = layers + other
+        lines += ['### Measured by this project (timm-spot), these weights', '',
+                  'Top-1 accuracy (%) of a linear classifier on each frozen layer. These are OUR measurements of the '
+                  'weights in this repo, with our (smaller) protocol; they are not the paper\'s numbers.', '',
+                  '| evaluation | protocol | ' + ' | '.join(cols) + ' |',
+                  '|---|---|' + '---:|' * len(cols)]
+        for ev in evaluations:
+            lines.append(f'| {_eval_label(ev)} | {ev["protocol"]} | ' +
+                         ' | '.join(_fmt(ev['layers'].get(c, '-')) for c in cols) + ' |')
+        lines.append('')
+        for ev in evaluations:
+            if ev['notes']:
+                lines.append(f"- {_eval_label(ev)}: " + ', '.join(f'{k} {v}' for k, v in ev['notes'].items()))
+        lines.append('')
+    else:
+        lines += ['No measurements of these weights are recorded in this card yet.', '']
+    lines += ['### Reported in the paper (the authors\' model, for reference; not these weights)', '',
+              'Linear probes on frozen layers (Table 4: ImageNet; Table 5: Places), top-1 %, AlexNet at 224 px with '
+              'the Zhang et al. 2016 protocol:', '',
+              '| paper row | ' + ' | '.join(_LAYERS) + ' |', '|---|' + '---:|' * len(_LAYERS)]
+    for table, label in (('imagenet_probes', 'ImageNet'), ('places_probes', 'Places')):
+        for row, vals in PAPER_RESULTS[table].items():
+            lines.append(f'| {label}: {row} | ' + ' | '.join(f'{v:.1f}' for v in vals) + ' |')
+    lines += ['', 'STL-10 (Table 2): frozen conv1-5 + linear ' + PAPER_RESULTS['stl10']['frozen conv1-5 + linear'] +
+              ', fine-tuned ' + PAPER_RESULTS['stl10']['fine-tuned'] + '. Pascal VOC (Table 3): ' +
+              ', '.join(f'{k} {v}' for k, v in PAPER_RESULTS['voc'].items()) + '.', '']
+
+    lines += ['## Training', '',
+              f"- **Run:** `{metadata.get('training_run', 'unknown')}`",
+              f"- **Training config sha256** (canonical JSON of the parsed config"
+              f"{', shipped as `training_config.yaml`' if has_training_config else ''}): "
+              f"`{metadata.get('training_config_sha256', 'none')}`",
+              f"- **Software:** timm-spot {metadata.get('timm_spot_version')} "
+              f"(git {git_revision or 'unknown'}), timm {metadata.get('timm_version')}, "
+              f"torch {metadata.get('torch_version')}",
+              f"- **Weights:** `model.safetensors` from the run file with sha256 "
+              f"`{metadata.get('source_file_sha256', 'unknown')}` (the same metadata is in the file's header)"]
+    if metrics and metrics.get('records'):
+        last = metrics.get('last', {})
+        shown = ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in list(last.items())[:12])
+        lines.append(f"- **Log:** {metrics['records']} records in metrics.jsonl; last: {shown}")
+    lines += ['', '## Citation', '', '```bibtex', _CITATION, '```', '']
+    return '\n'.join(lines)

@@ -1,0 +1,443 @@
+"""Export a pretraining run's weights as Hugging Face Hub model folders that timm loads natively.
+
+Input: a run directory written by ``train_scripts/pretrain.py``::
+
+    alexnet_spot.safetensors, alexnet_spot_discriminator.safetensors, damage_repair_generator.safetensors
+    model_args.json   constructor kwargs per model name (missing file or model: {})
+    config.yaml       the resolved training config (hashed into the metadata, shipped as training_config.yaml)
+    metrics.jsonl     one JSON object per log step (summarised in the model card)
+
+Output, per model, ``<out>/<model_name>/`` holding exactly what the Hub repo should hold:
+
+* ``model.safetensors``: the state dict as the registered timm model has it (strictly loaded into
+  ``timm.create_model(name, **model_args)`` first), with safetensors metadata ``format=pt``, ``architecture``,
+  ``model_args``, ``training_run``, ``training_config_sha256``, ``timm_spot_version`` ...; byte-reproducible
+  (canonical header);
+* ``config.json``: written by timm's own ``save_config_for_hf`` (what ``save_for_hf`` / ``push_to_hf_hub``
+  write): ``architecture``, ``num_classes``, ``num_features``, ``global_pool``, ``model_args`` and
+  ``pretrained_cfg`` (mean/std/input size/crop of the model's registered cfg, source keys removed);
+* ``README.md``: the model card (Hub YAML front matter with ``model-index`` from ``--results``);
+* ``training_config.yaml``: the run's config.yaml, verbatim (when the run has one).
+
+After writing, the folder is loaded back through timm (``timm.create_model('local-dir:<folder>',
+pretrained=True)``) and compared tensor by tensor, and compared with what ``timm.create_model(name,
+pretrained=True)`` would build from the registry (shapes and constructor arguments): weights trained with
+non-default constructor arguments load only through ``hf-hub:<repo>`` (whose config.json carries
+``model_args``), which the export reports and the card says.
+"""
+import inspect
+import json
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import safetensors.torch
+import torch
+
+from ._files import PathLike, canonicalize_safetensors, describe_files, read_safetensors_header, sha256_file
+from .card import normalize_results, render_card
+
+__all__ = [
+    'MODEL_NAMES', 'EXPORT_FILES', 'RunInfo', 'ExportResult', 'load_run', 'export_model', 'export_run',
+    'registry_report', 'canonical_config_hash',
+]
+
+MODEL_NAMES = ('alexnet_spot', 'alexnet_spot_discriminator', 'damage_repair_generator')
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+CARD_NAME = 'README.md'
+TRAINING_CONFIG_NAME = 'training_config.yaml'
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, TRAINING_CONFIG_NAME)
+
+# constructor kwargs that are loading options, not architecture: refused in model_args.json
+_NOT_MODEL_ARGS = {'pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir',
+                   'features_only', 'out_indices', 'feature_cls', 'device', 'dtype', 'scriptable', 'exportable',
+                   'no_jit', 'pretrained_model_args'}
+
+_IMG_SIZE_KEYS = ('img_size', 'image_size', 'input_size', 'crop_size', 'resolution')
+_DATA_KEYS = ('train_source', 'data_source', 'source', 'dataset', 'data', 'train_data', 'train_dataset')
+_RUN_NAME_KEYS = ('run_name', 'experiment', 'name')
+
+
+def looks_like_imagenet_1k(source: Optional[str]) -> bool:
+    """Whether a recorded data source names ImageNet-1k (a Hub id such as ILSVRC/imagenet-1k, or a local copy)."""
+    s = str(source or '').lower()
+    other = ('21k', '22k', 'imagenet-r', 'imagenet-a', 'imagenet-o', 'imagenet-sketch', 'imagenet-v2', 'imagenetv2')
+    return ('imagenet' in s or 'ilsvrc' in s or 'in1k' in s) and not any(t in s for t in other)
+
+
+def _import_models() -> None:
+    import timm_spot  # noqa: F401  (registers the models with timm)
+
+
+def canonical_config_hash(config: Any) -> str:
+    """sha256 of the parsed config as canonical JSON (independent of YAML formatting and key order)."""
+    import hashlib
+    text = json.dumps(config, sort_keys=True, separators=(',', ':'), default=str, ensure_ascii=True)
+    return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+
+def _find_key(tree: Any, keys: Sequence[str], want: Callable[[Any], bool]) -> Any:
+    """First value (breadth first, in ``keys`` order per level) under one of ``keys`` that satisfies ``want``."""
+    level = [tree]
+    while level:
+        nxt = []
+        for node in level:
+            if isinstance(node, dict):
+                for k in keys:
+                    if k in node and want(node[k]):
+                        return node[k]
+                nxt.extend(v for v in node.values() if isinstance(v, (dict, list)))
+            elif isinstance(node, list):
+                nxt.extend(v for v in node if isinstance(v, (dict, list)))
+        level = nxt
+    return None
+
+
+def _as_img_size(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value > 0:
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+        spatial = list(value[-2:])
+        if len(set(spatial)) == 1 and spatial[0] > 0:
+            return spatial[0]
+    return None
+
+
+@dataclass
+class RunInfo:
+    """What export needs from a pretraining run directory."""
+    path: Path
+    model_args: Dict[str, Dict[str, Any]]
+    config: Optional[Any]
+    config_path: Optional[Path]
+    config_sha256: Optional[str]
+    run_name: str
+    img_size: Optional[int]
+    data_source: Optional[str]
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+    def weights_file(self, name: str) -> Path:
+        return self.path / f'{name}.safetensors'
+
+    def available_models(self) -> List[str]:
+        return [n for n in MODEL_NAMES if self.weights_file(n).is_file()]
+
+
+def _summarize_metrics(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        return {}
+    records, bad = [], 0
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1  # a line cut by a crash: skip it, the card says how many
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+    if not records:
+        return {'records': 0, 'unreadable_lines': bad}
+    last = records[-1]
+    scalars = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {'records': len(records), 'unreadable_lines': bad, 'last': scalars}
+
+
+def load_run(run_dir: PathLike) -> RunInfo:
+    """Read model_args.json, config.yaml and metrics.jsonl of a run directory (each optional)."""
+    import yaml
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f'run directory not found: {run_dir}')
+    args_path = run_dir / 'model_args.json'
+    model_args: Dict[str, Dict[str, Any]] = {}
+    args_img_size = None
+    if args_path.is_file():
+        raw = json.loads(args_path.read_text(encoding='utf-8')) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f'{args_path}: expected {{model_name: {{kwarg: value}}, ...}}, got {type(raw).__name__}')
+        # the trainer also records 'img_size' and a 'how_to_load' note next to the per-model kwargs
+        model_args = {k: v for k, v in raw.items() if isinstance(v, dict)}
+        args_img_size = _as_img_size(raw.get('img_size'))
+    config = config_path = config_sha = None
+    for cand in ('config.yaml', 'config.yml'):
+        if (run_dir / cand).is_file():
+            config_path = run_dir / cand
+            config = yaml.safe_load(config_path.read_text(encoding='utf-8'))
+            config_sha = canonical_config_hash(config)
+            break
+    run_name = None
+    img_size = data_source = None
+    if isinstance(config, dict):
+        run_name = next((config[k] for k in _RUN_NAME_KEYS if isinstance(config.get(k), str) and config[k]), None)
+        img_size = _as_img_size(_find_key(config, _IMG_SIZE_KEYS, lambda v: _as_img_size(v) is not None))
+        data_source = _find_key(config, _DATA_KEYS, lambda v: isinstance(v, str) and bool(v))
+    img_size = args_img_size or img_size
+    return RunInfo(
+        path=run_dir,
+        model_args=model_args,
+        config=config,
+        config_path=config_path,
+        config_sha256=config_sha,
+        run_name=run_name or run_dir.resolve().name,
+        img_size=img_size,
+        data_source=data_source,
+        metrics=_summarize_metrics(run_dir / 'metrics.jsonl'),
+    )
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def registry_report(name: str, model_args: Dict[str, Any], shapes: Dict[str, Sequence[int]]) -> Dict[str, Any]:
+    """Compare exported weights and constructor args with what the registry builds for ``name``.
+
+    ``timm.create_model(name, pretrained=True)`` builds the model from the registered defaults (it does not read
+    config.json's ``model_args``), so it can load the weights only when every tensor shape matches
+    (``loadable``), and reproduces the trained model only when no constructor argument differs
+    (``equivalent``). ``hf-hub:<repo>`` names read ``model_args`` and work either way.
+    """
+    import timm
+    from timm.models._input import get_model_args
+    _import_models()
+    ref = timm.create_model(name, device='meta')
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    shapes = {k: tuple(v) for k, v in shapes.items()}
+    mismatches = sorted(
+        f'{k}: exported {shapes.get(k, "missing")} vs registry {ref_shapes.get(k, "missing")}'
+        for k in set(ref_shapes) | set(shapes) if ref_shapes.get(k) != shapes.get(k)
+    )
+    defaults = {k: p.default for k, p in inspect.signature(type(ref).__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    defaults.update(get_model_args(ref))  # in_chans / num_classes / global_pool as the registry cfg sets them
+    nondefault = {}
+    for k, v in model_args.items():
+        if k in defaults and _jsonable(defaults[k]) != _jsonable(v):
+            nondefault[k] = {'exported': _jsonable(v), 'registry': _jsonable(defaults[k])}
+    return dict(loadable=not mismatches, equivalent=not mismatches and not nondefault,
+                shape_mismatches=mismatches, nondefault_args=nondefault)
+
+
+def _git_revision() -> Optional[str]:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '')
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@dataclass
+class ExportResult:
+    name: str
+    folder: Path
+    repo_id: str
+    files: List[Dict[str, Any]]
+    config: Dict[str, Any]
+    metadata: Dict[str, str]
+    registry: Dict[str, Any]
+    warnings: List[str]
+
+
+def _check_out_folder(folder: Path, force: bool) -> None:
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f'{folder} exists and is not a folder')
+    extra = [p.name for p in folder.iterdir() if p.name not in EXPORT_FILES]
+    if extra and not force:
+        raise FileExistsError(
+            f'{folder} holds files the export does not write ({", ".join(sorted(extra))}); the folder is replaced '
+            f'as a whole (it is exactly the Hub repo), pass --force to replace it anyway')
+
+
+def export_model(
+        run: RunInfo,
+        name: str,
+        out_dir: PathLike,
+        results: Optional[Any] = None,
+        img_size: Optional[int] = None,
+        datasets: Optional[Sequence[str]] = None,
+        force: bool = False,
+        verify: bool = True,
+        log: Optional[Callable[[str], None]] = print,
+) -> ExportResult:
+    """Export one model of ``run`` to ``<out_dir>/<name>/`` (see the module docstring)."""
+    import timm
+    from timm.models._hub import save_config_for_hf
+    _import_models()
+    import timm_spot
+
+    if name not in MODEL_NAMES:
+        raise ValueError(f'unknown model {name!r}; exportable: {", ".join(MODEL_NAMES)}')
+    src = run.weights_file(name)
+    if not src.is_file():
+        raise FileNotFoundError(f'{name}: no weights in the run ({src} missing)')
+    folder = Path(out_dir) / name
+    _check_out_folder(folder, force)
+    warns: List[str] = []
+
+    args = dict(run.model_args.get(name, {}))
+    bad = sorted(set(args) & _NOT_MODEL_ARGS)
+    if bad:
+        raise ValueError(f'{name}: model_args.json holds loading options, not constructor args: {bad}')
+    try:
+        state = safetensors.torch.load_file(str(src), device='cpu')
+    except Exception as e:
+        raise RuntimeError(f'{name}: cannot read {src}: {type(e).__name__}: {e}') from e
+    model = timm.create_model(name, **args)
+    if name == 'alexnet_spot':  # accept a backbone saved with its pretext BatchNorm (folded here, exact)
+        from timm_spot.models.alexnet_spot import checkpoint_filter_fn
+        state = checkpoint_filter_fn(state, model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f'{name}: the run weights {src} do not fit timm.create_model({name!r}, **{args!r}) '
+            f'(model_args.json out of date?): {e}') from e
+    model.eval()
+    tensors = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
+
+    default_cfg = model.pretrained_cfg
+    tag = default_cfg.get('tag') or 'spot_in1k'
+    repo_id = (default_cfg.get('hf_hub_id') or f'timm-spot/{name}.{tag}').split('@')[0]
+    img_size = img_size or run.img_size
+    data_source = run.data_source
+    if tag.endswith('in1k') and not looks_like_imagenet_1k(data_source):
+        warns.append(f'training data of the run is {data_source or "not recorded in config.yaml"!s}: '
+                     f'these are not ImageNet-1k weights, do not publish them as {repo_id}')
+
+    metadata = {
+        'format': 'pt',
+        'architecture': name,
+        'pretrained_tag': tag,
+        'hf_hub_id': repo_id,
+        'model_args': json.dumps(_jsonable(args), sort_keys=True),
+        'training_run': run.run_name,
+        'training_config_sha256': run.config_sha256 or 'none',
+        'training_data': str(data_source) if data_source else 'unknown',
+        'source_file_sha256': sha256_file(src),
+        'timm_spot_version': timm_spot.__version__,
+        'timm_version': timm.__version__,
+        'torch_version': torch.__version__.split('+')[0],
+    }
+    if img_size:
+        metadata['img_size'] = str(img_size)
+
+    stage = folder.parent / f'.{name}.export-tmp'
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try:
+        safetensors.torch.save_file(tensors, str(stage / WEIGHTS_NAME), metadata=metadata)
+        canonicalize_safetensors(stage / WEIGHTS_NAME)
+        data_config = {'img_size': img_size} if img_size else None
+        save_config_for_hf(model, str(stage / CONFIG_NAME), data_config=data_config)
+        config = json.loads((stage / CONFIG_NAME).read_text())
+        if run.config_path is not None:
+            shutil.copyfile(run.config_path, stage / TRAINING_CONFIG_NAME)
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        registry = registry_report(name, config.get('model_args', {}), shapes)
+        if not registry['loadable']:
+            warns.append(
+                f"timm.create_model({name!r}, pretrained=True) cannot load these weights (registry defaults build "
+                f"other shapes: {'; '.join(registry['shape_mismatches'][:3])}); only 'hf-hub:{repo_id}' loads them")
+        elif not registry['equivalent']:
+            warns.append(
+                f"timm.create_model({name!r}, pretrained=True) loads these weights into a model with other "
+                f"constructor args ({', '.join(registry['nondefault_args'])}); 'hf-hub:{repo_id}' rebuilds the "
+                f"trained model")
+        evaluations = normalize_results(results, name) if results is not None else []
+        card = render_card(
+            name=name, repo_id=repo_id, config=config, metadata=metadata, registry=registry,
+            evaluations=evaluations, metrics=run.metrics, datasets=datasets, data_source=data_source,
+            num_params=sum(int(t.numel()) for k, t in tensors.items() if not k.endswith('num_batches_tracked')),
+            warnings=warns, has_training_config=run.config_path is not None, git_revision=_git_revision(),
+        )
+        (stage / CARD_NAME).write_text(card, encoding='utf-8')
+
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(stage, folder)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+
+    if verify:
+        verify_export(folder, tensors)
+    for w in warns:
+        if log is not None:
+            log(f'WARNING {name}: {w}')
+    files = describe_files(folder)
+    if log is not None:
+        log(f'exported {name} -> {folder} (repo {repo_id})')
+        for f in files:
+            log(f"  {f['path']:<22} {f['size']:>12,d} B  sha256 {f['sha256']}")
+    return ExportResult(name=name, folder=folder, repo_id=repo_id, files=files, config=config, metadata=metadata,
+                        registry=registry, warnings=warns)
+
+
+def verify_export(folder: PathLike, tensors: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Load ``folder`` back through timm (``local-dir:``) and check every tensor is bit-identical."""
+    import timm
+    _import_models()
+    folder = Path(folder)
+    header = read_safetensors_header(folder / WEIGHTS_NAME)
+    meta = header.get('__metadata__', {})
+    if meta.get('format') != 'pt':
+        raise RuntimeError(f'{folder / WEIGHTS_NAME}: metadata format is {meta.get("format")!r}, not "pt"')
+    if tensors is None:
+        tensors = safetensors.torch.load_file(str(folder / WEIGHTS_NAME))
+    loaded = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=True).state_dict()
+    if set(loaded) != set(tensors):
+        raise RuntimeError(f'{folder}: timm loads keys {sorted(set(loaded) ^ set(tensors))} differently')
+    for k, v in tensors.items():
+        if loaded[k].dtype != v.dtype or not torch.equal(loaded[k], v):
+            raise RuntimeError(f'{folder}: tensor {k} differs after loading through timm')
+
+
+def export_run(
+        run_dir: PathLike,
+        out_dir: PathLike,
+        models: Optional[Sequence[str]] = None,
+        results: Optional[Any] = None,
+        img_size: Optional[int] = None,
+        datasets: Optional[Sequence[str]] = None,
+        force: bool = False,
+        verify: bool = True,
+        log: Optional[Callable[[str], None]] = print,
+) -> List[ExportResult]:
+    """Export the models of a run (default: every model with a ``<name>.safetensors`` in it)."""
+    run = load_run(run_dir)
+    names = list(models) if models else run.available_models()
+    if not names:
+        raise FileNotFoundError(f'{run_dir}: no model weights ({", ".join(n + ".safetensors" for n in MODEL_NAMES)})')
+    unknown = [n for n in names if n not in MODEL_NAMES]
+    if unknown:
+        raise ValueError(f'unknown model(s) {unknown}; exportable: {", ".join(MODEL_NAMES)}')
+    if log is not None:
+        log(f'run {run.path} ({run.run_name}); config sha256 {run.config_sha256 or "none (no config.yaml)"}; '
+            f'img_size {img_size or run.img_size or "registry default"}; python {platform.python_version()}')
+    return [export_model(run, n, out_dir, results=results, img_size=img_size, datasets=datasets, force=force,
+                         verify=verify, log=log) for n in names]
