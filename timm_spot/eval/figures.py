@@ -1,0 +1,363 @@
+"""Figures as PNG files (PIL only): conv1 filters (paper Fig. 7a), conv5 nearest neighbours (Fig. 8), Grad-CAM of
+the real-vs-corrupt decision (Fig. 9) and the discriminator's predicted artifact map for one image (``spot``)."""
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from .data import open_image, single_thread
+
+__all__ = [
+    'colormap', 'overlay_heatmap', 'first_conv', 'filters_figure', 'neighbours_figure', 'create_discriminator',
+    'discriminator_input', 'gradcam', 'gradcam_figure', 'spot_image', 'spot_figure',
+]
+
+DISCRIMINATOR = 'alexnet_spot_discriminator'
+
+# inferno-like anchors (0..1 -> RGB)
+_CMAP = np.array([
+    [0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
+    [252, 255, 164]], dtype=np.float64)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to uint8 RGB with an inferno-like colour map."""
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0) * (len(_CMAP) - 1)
+    lo = np.floor(v).astype(int)
+    hi = np.minimum(lo + 1, len(_CMAP) - 1)
+    t = (v - lo)[..., None]
+    return (_CMAP[lo] * (1 - t) + _CMAP[hi] * t).round().astype(np.uint8)
+
+
+def overlay_heatmap(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Blend a [0, 1] heat map (any size; resized bilinearly to the image) over an RGB image."""
+    heat = np.asarray(heat, dtype=np.float32)
+    h = Image.fromarray(colormap(heat)).resize(image.size, Image.BILINEAR)
+    weight = Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
+    a = alpha * (0.25 + 0.75 * np.asarray(weight, dtype=np.float32)[..., None] / 255.0)
+    base = np.asarray(image.convert('RGB'), dtype=np.float32)
+    out = base * (1 - a) + np.asarray(h, dtype=np.float32) * a
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def _font():
+    try:
+        return ImageFont.load_default()
+    except Exception:  # pragma: no cover
+        return None
+
+
+def _save(image: Image.Image, out: str) -> str:
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    image.save(out, format='PNG')
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- filters
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    """The input convolution: the pretrained cfg's ``first_conv``, else the first Conv2d on RGB input."""
+    name = getattr(model, 'pretrained_cfg', {}).get('first_conv') if hasattr(model, 'pretrained_cfg') else None
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    if name:
+        try:
+            module = model.get_submodule(name)
+            if isinstance(module, nn.Conv2d):
+                return module
+        except AttributeError:
+            pass
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            return module
+    raise ValueError(f'{type(model).__name__} has no convolution on 3-channel input')
+
+
+def filters_figure(model: nn.Module, out: str, scale: int = 4, pad: int = 1, columns: Optional[int] = None,
+                   per_filter: bool = True) -> str:
+    """conv1 filters as a grid of RGB patches (each contrast-stretched to [0, 1] unless ``per_filter=False``)."""
+    w = first_conv(model).weight.detach().float().cpu()
+    if w.shape[1] != 3:
+        raise ValueError(f'first conv has {w.shape[1]} input channels, expected 3')
+    n, _, kh, kw = w.shape
+    if per_filter:
+        lo = w.amin(dim=(1, 2, 3), keepdim=True)
+        hi = w.amax(dim=(1, 2, 3), keepdim=True)
+        w = (w - lo) / (hi - lo).clamp_min(1e-8)
+    else:
+        m = w.abs().max().clamp_min(1e-8)
+        w = 0.5 + 0.5 * w / m
+    cols = columns or int(math.ceil(math.sqrt(n * 1.5)))
+    rows = int(math.ceil(n / cols))
+    cell_h, cell_w = kh * scale + pad, kw * scale + pad
+    canvas = Image.new('RGB', (cols * cell_w + pad, rows * cell_h + pad), (255, 255, 255))
+    for i in range(n):
+        patch = (w[i].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        patch = Image.fromarray(patch).resize((kw * scale, kh * scale), Image.NEAREST)
+        r, c = divmod(i, cols)
+        canvas.paste(patch, (pad + c * cell_w, pad + r * cell_h))
+    return _save(canvas, out)
+
+
+# ------------------------------------------------------------------------------------------- nearest neighbours
+def _thumb(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return image.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+
+
+def _bordered(image: Image.Image, color, width: int = 3) -> Image.Image:
+    out = Image.new('RGB', (image.width + 2 * width, image.height + 2 * width), color)
+    out.paste(image, (width, width))
+    return out
+
+
+@torch.no_grad()
+def conv5_features(model: nn.Module, images: Sequence[Image.Image], img_size: int, crop_pct: float = 1.0,
+                   batch_size: int = 64) -> torch.Tensor:
+    """Flattened last-tap (conv5 for alexnet_spot) feature maps, one row per image."""
+    from .features import TapExtractor, _feature_info_list, eval_transform
+
+    model.eval()
+    extractor = TapExtractor(model, indices=[len(_feature_info_list(model)) - 1])
+    tf = eval_transform(model, img_size, crop_pct=crop_pct)
+    rows = []
+    for s in range(0, len(images), batch_size):
+        with single_thread():
+            x = torch.stack([tf(im) for im in images[s:s + batch_size]])
+        rows.append(extractor(x)[0].flatten(1))
+    return torch.cat(rows)
+
+
+def neighbours_figure(
+        model: nn.Module,
+        images: Sequence[Image.Image],
+        out: str,
+        queries: Optional[Sequence[int]] = None,
+        num_queries: int = 6,
+        k: int = 6,
+        img_size: int = 128,
+        thumb: int = 96,
+        seed: int = 0,
+        captions: Optional[Sequence[str]] = None,
+) -> Tuple[str, List[List[int]]]:
+    """Each row: a query image (blue border) then its ``k`` nearest neighbours by cosine similarity of conv5.
+
+    Returns the PNG path and the neighbour indices per query.
+    """
+    if len(images) < 2:
+        raise ValueError('need at least two images for nearest-neighbour retrieval')
+    feats = F.normalize(conv5_features(model, images, img_size), dim=1)
+    if queries is None:
+        g = np.random.default_rng(seed)
+        queries = sorted(g.choice(len(images), size=min(num_queries, len(images)), replace=False).tolist())
+    k = min(k, len(images) - 1)
+    sims = feats[list(queries)] @ feats.T
+    font = _font()
+    cap_h = 12 if captions is not None or font is not None else 0
+    cell = thumb + 6
+    canvas = Image.new('RGB', ((k + 1) * (cell + 4) + 4, len(queries) * (cell + cap_h + 4) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    found = []
+    for r, q in enumerate(queries):
+        s = sims[r].clone()
+        s[q] = -float('inf')
+        nn_idx = torch.topk(s, k).indices.tolist()
+        found.append(nn_idx)
+        y = 4 + r * (cell + cap_h + 4)
+        for c, (idx, color) in enumerate([(q, (40, 90, 230))] + [(i, (200, 200, 200)) for i in nn_idx]):
+            x = 4 + c * (cell + 4)
+            canvas.paste(_bordered(_thumb(images[idx], thumb), color), (x, y))
+            text = captions[idx][:16] if captions is not None else ''
+            if c > 0:
+                text = f'{float(sims[r, idx]):.2f} {text}'.strip()
+            if text and font is not None:
+                draw.text((x + 2, y + cell), text, fill=(0, 0, 0), font=font)
+    return _save(canvas, out), found
+
+
+# ------------------------------------------------------------------------------------------------ discriminator
+def _kernel_key(model_name: str) -> Optional[str]:
+    """The state-dict key whose shape depends on ``head_kernel_size`` (the fc6 conv over the whole conv5 map)."""
+    import timm
+
+    shapes = []
+    for k in (1, 2):
+        try:
+            with torch.device('meta'):
+                m = timm.create_model(model_name, head_kernel_size=k)
+        except Exception:  # noqa: BLE001
+            m = timm.create_model(model_name, head_kernel_size=k)
+        shapes.append({n: tuple(t.shape) for n, t in m.state_dict().items()})
+    diff = [n for n in shapes[0] if shapes[0][n] != shapes[1].get(n)]
+    return diff[0] if diff else None
+
+
+def create_discriminator(weights: Optional[str] = None, img_size: Optional[int] = None,
+                         model_name: str = DISCRIMINATOR, seed: int = 0) -> Tuple[nn.Module, int]:
+    """``alexnet_spot_discriminator`` for ``img_size`` (a multiple of 16), weights loaded; returns (model, img_size).
+
+    With a weights file the image size is read from it (fc6's kernel covers the whole conv5 map, H/16); a
+    conflicting ``img_size`` is an error. Without weights: random init (seeded), ``img_size`` default 128.
+    """
+    import timm
+
+    import timm_spot  # noqa: F401
+
+    kernel = None
+    if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f'weights file {weights!r} does not exist')
+        from timm.models import load_state_dict
+
+        try:
+            state = load_state_dict(weights)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f'cannot read weights file {weights!r}: {e}') from None
+        key = _kernel_key(model_name)
+        if key is not None:
+            match = key if key in state else next((n for n in state if n.endswith(key)), None)
+            if match is None:
+                raise ValueError(f'weights file {weights!r} has no {key!r}: is it an {model_name} checkpoint? '
+                                 f'(keys include {sorted(state)[:4]})')
+            kernel = int(state[match].shape[-1])
+        if img_size is not None and kernel is not None and img_size // 16 != kernel:
+            raise ValueError(f'weights file {weights!r} is for {kernel * 16}px inputs (head kernel {kernel}), '
+                             f'not {img_size}px')
+    if kernel is None:
+        img_size = img_size or 128
+        if img_size % 16:
+            raise ValueError(f'image size must be a multiple of 16, got {img_size}')
+        kernel = img_size // 16
+    torch.manual_seed(seed)
+    kwargs = dict(head_kernel_size=kernel)
+    if weights:
+        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=weights), **kwargs)
+    else:
+        model = timm.create_model(model_name, **kwargs)
+    return model.eval(), kernel * 16
+
+
+def discriminator_input(images: Sequence[Image.Image], img_size: int) -> torch.Tensor:
+    """Whole images resized (squashed) to ``img_size`` x ``img_size``, scaled to [-1, 1] as the pretext model expects."""
+    arrays = [np.asarray(im.convert('RGB').resize((img_size, img_size), Image.BICUBIC), dtype=np.float32)
+              for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return (x / 127.5 - 1.0).clamp(-1, 1)
+
+
+def _conv5_module(model: nn.Module) -> nn.Module:
+    from .features import _feature_info_list
+
+    info = _feature_info_list(model)
+    name = info[-1]['module'] if info else 'features.act5'
+    return model.get_submodule(name)
+
+
+def gradcam(model: nn.Module, x: torch.Tensor, target: str = 'predicted') -> Tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM (Selvaraju et al.) of the real-vs-corrupt logit w.r.t. the conv5 map.
+
+    ``target``: ``'real'`` (evidence for "real"), ``'corrupt'`` (evidence for "has artifacts") or ``'predicted'``
+    (whichever the model decides). Returns (cams ``[B, h, w]`` in [0, 1] at conv5 resolution, real logits ``[B]``).
+    """
+    layer = _conv5_module(model)
+    store = {}
+
+    def hook(_m, _i, out):
+        out.retain_grad()
+        store['a'] = out
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            x = x.clone().requires_grad_(True)
+            real_logit, _ = model.forward_pretext(x)
+            if target == 'real':
+                sign = torch.ones_like(real_logit)
+            elif target == 'corrupt':
+                sign = -torch.ones_like(real_logit)
+            elif target == 'predicted':
+                sign = torch.where(real_logit >= 0, 1.0, -1.0)
+            else:
+                raise ValueError(f'target must be real, corrupt or predicted, not {target!r}')
+            model.zero_grad(set_to_none=True)
+            (real_logit * sign).sum().backward()
+    finally:
+        handle.remove()
+    a, g = store['a'].detach(), store['a'].grad.detach()
+    cam = F.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1))
+    peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return cam / peak, real_logit.detach()
+
+
+def gradcam_figure(model: nn.Module, images: Sequence[Image.Image], out: str, img_size: int,
+                   target: str = 'predicted', tile: int = 160, columns: Optional[int] = None) -> Tuple[str, list]:
+    """Grid of image pairs (image above, Grad-CAM overlay below) bordered green (judged real) or red (artifacts)."""
+    x = discriminator_input(images, img_size)
+    cams, logits = gradcam(model, x, target=target)
+    font = _font()
+    cols = columns or min(len(images), 6)
+    rows = int(math.ceil(len(images) / cols))
+    cell_w, cell_h = tile + 10, 2 * (tile + 6) + 16
+    canvas = Image.new('RGB', (cols * cell_w + 4, rows * cell_h + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    info = []
+    for i, im in enumerate(images):
+        p_real = float(torch.sigmoid(logits[i]))
+        color = (30, 170, 60) if p_real >= 0.5 else (220, 40, 40)
+        view = im.convert('RGB').resize((tile, tile), Image.BICUBIC)
+        r, c = divmod(i, cols)
+        x0, y0 = 4 + c * cell_w, 4 + r * cell_h
+        canvas.paste(_bordered(view, color), (x0, y0))
+        canvas.paste(_bordered(overlay_heatmap(view, cams[i].numpy(), alpha=0.6), color), (x0, y0 + tile + 6))
+        if font is not None:
+            draw.text((x0 + 2, y0 + 2 * (tile + 6) + 1), f'p(real)={p_real:.2f}', fill=(0, 0, 0), font=font)
+        info.append(dict(p_real=p_real, judged='real' if p_real >= 0.5 else 'artifacts'))
+    return _save(canvas, out), info
+
+
+@torch.no_grad()
+def spot_image(model: nn.Module, image: Image.Image, img_size: int) -> Tuple[np.ndarray, float]:
+    """(artifact probability map at the image's own size, in [0, 1]; probability that the image is real)."""
+    x = discriminator_input([image], img_size)
+    real_logit, mask_logits = model.forward_pretext(x)
+    artifact = torch.sigmoid(-mask_logits.float())  # mask logit > 0: intact; < 0: artifact
+    up = F.interpolate(artifact, size=(image.height, image.width), mode='bilinear', align_corners=False)
+    return up[0, 0].numpy(), float(torch.sigmoid(real_logit.float()[0]))
+
+
+def spot_figure(model: nn.Module, image_path: str, out: str, img_size: int, max_side: int = 512,
+                alpha: float = 0.55) -> Tuple[str, dict]:
+    """The image beside the same image with its predicted artifact map overlaid as a heat-map (plus a colour bar)."""
+    image = open_image(image_path)
+    heat, p_real = spot_image(model, image, img_size)
+    scale = min(1.0, max_side / max(image.size))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    view = image.resize(size, Image.BICUBIC) if size != image.size else image
+    heat_view = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(size, Image.BILINEAR),
+                           dtype=np.float32) / 255.0
+    over = overlay_heatmap(view, heat_view, alpha=alpha)
+    bar_w, gap = 14, 8
+    canvas = Image.new('RGB', (2 * size[0] + 2 * gap + bar_w + 30, size[1] + 20), (255, 255, 255))
+    canvas.paste(view, (0, 0))
+    canvas.paste(over, (size[0] + gap, 0))
+    bar = colormap(np.linspace(1, 0, size[1])[:, None].repeat(bar_w, 1))
+    canvas.paste(Image.fromarray(bar), (2 * size[0] + 2 * gap, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    if font is not None:
+        draw.text((2 * size[0] + 2 * gap + bar_w + 2, 0), '1', fill=(0, 0, 0), font=font)
+        draw.text((2 * size[0] + 2 * gap + bar_w + 2, size[1] - 10), '0', fill=(0, 0, 0), font=font)
+        draw.text((2, size[1] + 4), f'p(real)={p_real:.2f}  artifact map: mean {heat.mean():.2f}, '
+                                    f'max {heat.max():.2f}', fill=(0, 0, 0), font=font)
+    stats = dict(p_real=p_real, artifact_mean=float(heat.mean()), artifact_max=float(heat.max()),
+                 grid=img_size // 16, img_size=img_size)
+    return _save(canvas, out), stats
