@@ -1,0 +1,148 @@
+"""Every loss term of the recipe (spec sections 4 and 8; code models/AutoEncoder.py, models/SpotNet.py).
+
+Conventions (TF ``tf.losses`` defaults, as the authors' code):
+
+* means over elements; the TF ``weights`` argument is a multiplier in front of the mean;
+* ``tf.nn.l2_loss(w) = sum(w**2) / 2``, so the weight decay term is ``wd * sum(w**2) / 2`` (gradient ``wd * w``);
+* the real/corrupt head is one logit (> 0 = real), equivalent to the code's 2-way softmax.
+
+All functions compute in float32 whatever the autocast dtype of their inputs.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, weight: float = 30.0) -> torch.Tensor:
+    """Stage 1: ``weight * mean((D(E(x)) - x)**2)`` (code: ``mean_squared_error(..., weights=30)``)."""
+    return weight * F.mse_loss(output.float(), target.float())
+
+
+def weight_decay_loss(params: Iterable[torch.Tensor], weight_decay: float) -> torch.Tensor:
+    """``weight_decay * sum(p**2) / 2`` over ``params`` (``slim.l2_regularizer``), added to a loss."""
+    params = list(params)
+    if not params or weight_decay == 0:
+        device = params[0].device if params else 'cpu'
+        return torch.zeros((), device=device)
+    return weight_decay * 0.5 * torch.stack([p.float().pow(2).sum() for p in params]).sum()
+
+
+def discriminator_class_loss(real_logits: torch.Tensor, corrupt_logits: torch.Tensor) -> torch.Tensor:
+    """C's real-vs-corrupt cross-entropy, weight 1: mean over the concatenated batch [real; corrupt]
+    (code: ``softmax_cross_entropy(labels_real, disc_out)`` over 2B examples), i.e.
+    ``0.5 * (mean BCE(real, 1) + mean BCE(corrupt, 0))`` for equal halves."""
+    logits = torch.cat([real_logits.float(), corrupt_logits.float()])
+    target = torch.cat([torch.ones_like(real_logits, dtype=torch.float32),
+                        torch.zeros_like(corrupt_logits, dtype=torch.float32)])
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def mask_loss(real_mask_logits: torch.Tensor, corrupt_mask_logits: torch.Tensor,
+              corrupt_masks: torch.Tensor) -> torch.Tensor:
+    """C's drop-mask loss (unweighted; the recipe multiplies it by 0.1): sigmoid cross-entropy between the mask
+    logits and Omega (1 = kept) on corrupt images, all-ones target on real images, mean over every cell of both
+    halves (code: ``sigmoid_cross_entropy(drop_label, drop_pred)``)."""
+    logits = torch.cat([real_mask_logits.float(), corrupt_mask_logits.float()])
+    target = torch.cat([torch.ones_like(real_mask_logits, dtype=torch.float32), corrupt_masks.float()])
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def generator_adversarial_loss(corrupt_logits: torch.Tensor) -> torch.Tensor:
+    """R's non-saturating adversarial loss, weight 1: mean BCE(C(x_hat), real) = mean softplus(-logit).
+
+    (The code averages the same term over [real; corrupt] with the real half labelled corrupt; the real half
+    carries no gradient to R, so the code's gradient is half of this one.)
+    """
+    return F.binary_cross_entropy_with_logits(corrupt_logits.float(), torch.ones_like(corrupt_logits,
+                                                                                      dtype=torch.float32))
+
+
+def upsample_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-neighbour upsampling of the cell mask [B, 1, M, N] to pixels (``resize_nearest_neighbor``)."""
+    return F.interpolate(mask.float(), size=size, mode='nearest')
+
+
+def kept_cells_l2_loss(x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unweighted L2 between x_hat and x on KEPT cells only (the recipe multiplies it by 30).
+
+    Code: ``mean_squared_error(x, x_hat, weights=30 * rec_weights)`` with TF's SUM_BY_NONZERO_WEIGHTS reduction:
+    ``sum(m * (x_hat - x)**2) / (number of kept pixels x channels)``, m = mask upsampled to pixels. 0 when every
+    cell was dropped.
+    """
+    m = upsample_mask(mask, x.shape[-2:])
+    sq = (x_hat.float() - x.float()).pow(2) * m
+    denom = (m.sum() * x.shape[1]).clamp_min(1.0)
+    return sq.sum() / denom
+
+
+@torch.no_grad()
+def discriminator_accuracies(real_logits: torch.Tensor, corrupt_logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Fraction of real images classified real (logit > 0) and of corrupt ones classified corrupt."""
+    return {
+        'acc_real': (real_logits.float() > 0).float().mean(),
+        'acc_corrupt': (corrupt_logits.float() < 0).float().mean(),
+    }
+
+
+@torch.no_grad()
+def mask_accuracies(real_mask_logits: torch.Tensor, corrupt_mask_logits: torch.Tensor,
+                    corrupt_masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Mask-prediction accuracy on corrupt images (all cells), on real images (target: kept), and the recall of
+    dropped cells on corrupt images (the interesting part when most cells are dropped)."""
+    pred_kept = corrupt_mask_logits.float() > 0
+    target_kept = corrupt_masks > 0.5
+    dropped = (~target_kept).float()
+    return {
+        'mask_acc': (pred_kept == target_kept).float().mean(),
+        'mask_acc_real': (real_mask_logits.float() > 0).float().mean(),
+        'mask_recall_dropped': ((~pred_kept).float() * dropped).sum() / dropped.sum().clamp_min(1.0),
+    }
+
+
+def decayed_parameters(module: nn.Module, trainable: Optional[Iterable[torch.Tensor]] = None,
+                       include_biases: bool = True) -> List[torch.Tensor]:
+    """Weights (and biases) of the conv / linear layers of ``module`` (not BatchNorm), optionally restricted to
+    ``trainable`` (the optimizer's parameters): what the TF code's l2 regularizers cover."""
+    allowed = None if trainable is None else {id(p) for p in trainable}
+    out: List[torch.Tensor] = []
+    seen = set()
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)):
+            names = ('weight', 'bias') if include_biases else ('weight',)
+            for name in names:
+                p = getattr(m, name, None)
+                if isinstance(p, torch.Tensor) and p.requires_grad and id(p) not in seen and \
+                        (allowed is None or id(p) in allowed):
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+def bias_parameters(module: nn.Module, trainable: Optional[Iterable[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """Conv / linear biases of ``module`` (the TF code's variables named ``*/biases``)."""
+    allowed = None if trainable is None else {id(p) for p in trainable}
+    out = []
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)):
+            b = getattr(m, 'bias', None)
+            if isinstance(b, torch.Tensor) and (allowed is None or id(b) in allowed):
+                out.append(b)
+    return out
+
+
+def scale_gradients(params: Iterable[torch.Tensor], factor: float) -> None:
+    """Multiply the gradients of ``params`` in place (the code's ``multiply_gradients`` with 2.0 on biases).
+
+    NOTE Adam divides the step by the running RMS of the gradient, so a constant gradient scale on a parameter
+    cancels out except against ``eps``: doubling bias gradients changes Adam's updates only marginally. The
+    option exists for fidelity to the code (it matters for SGD).
+    """
+    if factor == 1.0:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
