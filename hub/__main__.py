@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--dataset', action='append', default=None,
                    help='Hub dataset id for the card front matter (repeatable; default from config.yaml)')
     e.add_argument('--force', action='store_true', help='replace output folders holding foreign files')
+    e.add_argument('--tag', default=None,
+                   help="pretrained tag to export as, e.g. spot_c10_64 (default: the model's default tag)")
     e.add_argument('--no-verify', dest='verify', action='store_false',
                    help='skip loading each folder back through timm (local-dir:) after writing')
 
@@ -63,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.results is not None:
             results = json.loads(args.results.read_text(encoding='utf-8'))
         export_run(args.run_dir, args.out, models=args.models, results=results, img_size=args.img_size,
-                   datasets=args.dataset, force=args.force, verify=args.verify)
+                   datasets=args.dataset, force=args.force, verify=args.verify, tag=args.tag)
         return 0
     if args.command == 'publish':
         from .publish import publish_folder

@@ -282,6 +282,7 @@ def export_model(
         force: bool = False,
         verify: bool = True,
         log: Optional[Callable[[str], None]] = print,
+        tag: Optional[str] = None,
 ) -> ExportResult:
     """Export one model of ``run`` to ``<out_dir>/<name>/`` (see the module docstring)."""
     import timm
@@ -306,7 +307,7 @@ def export_model(
         state = safetensors.torch.load_file(str(src), device='cpu')
     except Exception as e:
         raise RuntimeError(f'{name}: cannot read {src}: {type(e).__name__}: {e}') from e
-    model = timm.create_model(name, **args)
+    model = timm.create_model(f'{name}.{tag}' if tag else name, **args)
     if name == 'alexnet_spot':  # accept a backbone saved with its pretext BatchNorm (folded here, exact)
         from timm_spot.models.alexnet_spot import checkpoint_filter_fn
         state = checkpoint_filter_fn(state, model)
@@ -427,6 +428,7 @@ def export_run(
         force: bool = False,
         verify: bool = True,
         log: Optional[Callable[[str], None]] = print,
+        tag: Optional[str] = None,
 ) -> List[ExportResult]:
     """Export the models of a run (default: every model with a ``<name>.safetensors`` in it)."""
     run = load_run(run_dir)
@@ -440,4 +442,4 @@ def export_run(
         log(f'run {run.path} ({run.run_name}); config sha256 {run.config_sha256 or "none (no config.yaml)"}; '
             f'img_size {img_size or run.img_size or "registry default"}; python {platform.python_version()}')
     return [export_model(run, n, out_dir, results=results, img_size=img_size, datasets=datasets, force=force,
-                         verify=verify, log=log) for n in names]
+                         verify=verify, log=log, tag=tag) for n in names]

@@ -209,3 +209,17 @@ def test_filter_passes_plain_backbone_checkpoints_through():
     model = AlexNetSpot(num_classes=0)
     sd = model.state_dict()
     assert checkpoint_filter_fn(dict(sd), model).keys() == sd.keys()
+
+
+def test_pretrained_tags_carry_their_input_size(tmp_path):
+    """spot_c10_64 weights are 64-px weights: the discriminator's fc6 spans the 4x4 conv5 map of that size."""
+    disc = timm.create_model('alexnet_spot_discriminator.spot_c10_64')
+    assert disc.pretrained_cfg['input_size'] == (3, 64, 64) and disc.pre_logits.kernel_size == 4
+    assert timm.create_model('alexnet_spot_discriminator').pre_logits.kernel_size == 8  # spot_in1k, 128 px
+    path = tmp_path / 'd.safetensors'
+    save_file({k: v.contiguous() for k, v in disc.state_dict().items()}, str(path))
+    loaded = timm.create_model('alexnet_spot_discriminator.spot_c10_64', pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path)))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in disc.state_dict().items())
+    backbone = timm.create_model('alexnet_spot.spot_c10_64', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert backbone.pretrained_cfg['input_size'] == (3, 64, 64) and backbone.num_classes == 0

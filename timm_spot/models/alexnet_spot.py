@@ -363,8 +363,12 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    # pretrained by this project's recipe; see MODEL_CARD.md for data, schedule and measured quality
+    # the paper's recipe (ImageNet-1k, 128 px, 80 + 150 epochs): the default tag, not trained yet
     'alexnet_spot.spot_in1k': _cfg(hf_hub_id='timm-spot/alexnet_spot.spot_in1k'),
+    # this project's first weights: CIFAR-10 train split without the probe hold-out, 64 px, a short CPU run
+    # (hub/alexnet_spot, MODEL_CARD.md): `timm.create_model('alexnet_spot.spot_c10_64', pretrained=True)`
+    'alexnet_spot.spot_c10_64': _cfg(
+        hf_hub_id='timm-spot/alexnet_spot.spot_c10_64', input_size=(3, 64, 64), pool_size=(4, 4), crop_pct=1.0),
 })
 
 

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models._builder import resolve_pretrained_cfg
 from timm.models._registry import generate_default_cfgs, register_model
 
 from ._builder import build_spot_model
@@ -143,6 +144,11 @@ class AlexNetSpotDiscriminator(AlexNetSpot):
 
 def _create_discriminator(variant: str, pretrained: bool = False, **kwargs: Any) -> AlexNetSpotDiscriminator:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3, 4))
+    if 'head_kernel_size' not in kwargs:
+        # fc6 spans the whole conv5 map of the image size the weights were trained at (the pretrained tag's)
+        cfg = resolve_pretrained_cfg(
+            variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        kwargs['head_kernel_size'] = max(1, cfg.input_size[-1] // 16)
     return build_spot_model(
         AlexNetSpotDiscriminator,
         variant,
@@ -167,7 +173,13 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
+    # the paper's recipe (ImageNet-1k, 128 px): the default tag, not trained yet
     'alexnet_spot_discriminator.spot_in1k': _cfg(hf_hub_id='timm-spot/alexnet_spot_discriminator.spot_in1k'),
+    # this project's first weights: CIFAR-10 train split without the probe hold-out, 64 px, a short CPU run
+    # (fc6 spans its 4x4 conv5 map: head_kernel_size follows the tag's input size)
+    'alexnet_spot_discriminator.spot_c10_64': _cfg(
+        hf_hub_id='timm-spot/alexnet_spot_discriminator.spot_c10_64', input_size=(3, 64, 64), pool_size=(4, 4),
+        crop_pct=1.0),
 })
 
 

@@ -717,7 +717,12 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
+    # the paper's recipe (ImageNet-1k, 128 px): the default tag, not trained yet
     'damage_repair_generator.spot_in1k': _cfg(hf_hub_id='timm-spot/damage_repair_generator.spot_in1k'),
+    # this project's first weights: CIFAR-10 train split without the probe hold-out, 64 px, a short CPU run
+    'damage_repair_generator.spot_c10_64': _cfg(
+        hf_hub_id='timm-spot/damage_repair_generator.spot_c10_64', input_size=(3, 64, 64), pool_size=(64, 64),
+        crop_pct=1.0),
 })
 
 
