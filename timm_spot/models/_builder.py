@@ -10,7 +10,15 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg
 from timm.models._registry import get_pretrained_cfg
 
-__all__ = ['build_spot_model']
+__all__ = ['PAPER_CFG', 'build_spot_model']
+
+# pretrained-cfg fields shared by every model of the paper
+PAPER_CFG = {
+    'license': 'mit',
+    'paper_ids': 'arXiv:1806.05024',
+    'paper_name': 'Self-Supervised Feature Learning by Learning to Spot Artifacts',
+    'origin_url': 'https://github.com/sjenni/LearningToSpotArtifacts',
+}
 
 
 def _weights_source(variant: str, overlay: Optional[dict], pretrained_cfg: Any = None) -> str:

@@ -36,7 +36,7 @@ from timm.models._features_fx import register_notrace_module
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 
-from ._builder import build_spot_model
+from ._builder import PAPER_CFG, build_spot_model
 
 __all__ = ['AlexNetSpot', 'ConvFcHead', 'SPOT_MEAN', 'SPOT_STD', 'checkpoint_filter_fn', 'fold_batchnorm']
 
@@ -354,10 +354,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
         'crop_pct': 0.85, 'interpolation': 'bicubic',
         'mean': SPOT_MEAN, 'std': SPOT_STD,
         'first_conv': 'features.conv1', 'classifier': 'head.fc',
-        'license': 'mit',
-        'paper_ids': 'arXiv:1806.05024',
-        'paper_name': 'Self-Supervised Feature Learning by Learning to Spot Artifacts',
-        'origin_url': 'https://github.com/sjenni/LearningToSpotArtifacts',
+        **PAPER_CFG,
         **kwargs,
     }
 

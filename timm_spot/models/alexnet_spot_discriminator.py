@@ -27,7 +27,7 @@ import torch.nn as nn
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._registry import generate_default_cfgs, register_model
 
-from ._builder import build_spot_model
+from ._builder import PAPER_CFG, build_spot_model
 from .alexnet_spot import SPOT_MEAN, SPOT_STD, AlexNetSpot, checkpoint_filter_fn
 
 __all__ = ['AlexNetSpotDiscriminator']
@@ -164,10 +164,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
         'crop_pct': 0.85, 'interpolation': 'bicubic',
         'mean': SPOT_MEAN, 'std': SPOT_STD,
         'first_conv': 'features.conv1', 'classifier': 'head.fc',
-        'license': 'mit',
-        'paper_ids': 'arXiv:1806.05024',
-        'paper_name': 'Self-Supervised Feature Learning by Learning to Spot Artifacts',
-        'origin_url': 'https://github.com/sjenni/LearningToSpotArtifacts',
+        **PAPER_CFG,
         **kwargs,
     }
 

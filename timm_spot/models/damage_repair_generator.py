@@ -81,7 +81,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
-from ._builder import build_spot_model
+from ._builder import PAPER_CFG, build_spot_model
 
 __all__ = ['DamageRepairGenerator']
 
@@ -708,10 +708,7 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
         'std': (0.5, 0.5, 0.5),
         'first_conv': 'encoder.0.conv',
         'classifier': 'head.fc',
-        'license': 'mit',
-        'paper_ids': 'arXiv:1806.05024',
-        'paper_name': 'Self-Supervised Feature Learning by Learning to Spot Artifacts',
-        'origin_url': 'https://github.com/sjenni/LearningToSpotArtifacts',
+        **PAPER_CFG,
         **kwargs,
     }
 
