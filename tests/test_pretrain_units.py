@@ -431,3 +431,36 @@ def test_discriminator_learns_real_vs_corrupt_above_chance():
     accuracy = (acc['acc_real'] + acc['acc_corrupt']).item() / 2
     assert accuracy > 0.8, acc
     assert L.mask_accuracies(mask_logits[:8], mask_logits[8:], omega)['mask_acc'].item() > 0.6
+
+
+def test_stage1_autoencoder_loads_into_an_ablation_generator():
+    """Ablations b/i/k reuse one stage-1 autoencoder: E and D load, the different repair network is left alone."""
+    import timm
+    import timm_spot  # noqa: F401
+    from train_scripts.trainer import load_stage1_weights
+
+    kw = dict(stem_width=8, widths=(8, 8, 8, 8))
+    stage1 = timm.create_model('damage_repair_generator', **kw)
+    no_repair = timm.create_model('damage_repair_generator', repair='none', **kw)
+    note = load_stage1_weights(no_repair, stage1.state_dict())
+    assert 'autoencoder' in note
+    for k, v in no_repair.state_dict().items():
+        assert torch.equal(v, stage1.state_dict()[k]), k
+    other_encoder = timm.create_model('damage_repair_generator', stem_width=4, widths=(8, 8, 8, 8))
+    with pytest.raises(RuntimeError):
+        load_stage1_weights(other_encoder, stage1.state_dict())
+
+
+def test_holdout_rows_are_left_out_of_pretraining(tmp_path):
+    """holdout_per_class drops the probe validation rows (last n of each class) before any training."""
+    import datasets
+    labels = [0, 1, 2] * 4  # rows 9, 10, 11 are the last of each class
+    rows = [{'bytes': _png_bytes((i * 20, 0, 0)), 'path': f'row{i}.png'} for i in range(12)]
+    feats = datasets.Features({'image': datasets.Image(decode=False), 'label': datasets.Value('int64')})
+    path = tmp_path / 'labelled.parquet'
+    datasets.Dataset.from_dict({'image': rows, 'label': labels}, features=feats).to_parquet(str(path))
+    ds = open_source(_small_cfg(data=str(path), holdout_per_class=1))
+    assert len(ds) == 9
+    assert sorted(r['path'] for r in ds['image']) == sorted(f'row{i}.png' for i in range(9))
+    with pytest.raises(ValueError, match="label column 'class' not found"):
+        open_source(_small_cfg(data=str(path), holdout_per_class=1, holdout_label_column='class'))

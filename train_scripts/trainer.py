@@ -432,8 +432,8 @@ class Pretrainer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'stage 2 needs the stage-1 generator: {path} does not exist (run stage 1 or set '
                                     f'init_generator)')
-        self.generator.load_state_dict(load_file(path, device='cpu'))
-        self.log_info(f'stage 2: generator initialised from {path}')
+        note = load_stage1_weights(self.generator, load_file(path, device='cpu'), path)
+        self.log_info(f'stage 2: {note}')
 
     def load_checkpoint(self, path: str, stage: int) -> int:
         meta = read_meta(path)
@@ -804,3 +804,24 @@ class Pretrainer:
         self.loop(2, start, step_fn, hashed)
         self.write_weights(2)
         acc.free_memory()
+
+
+def load_stage1_weights(generator, state, path: str = 'the stage-1 file') -> str:
+    """Load a stage-1 generator state into ``generator``; returns what was loaded (for the log).
+
+    Same architecture: everything, strictly. Another repair network (ablations b, i, k reuse one stage-1
+    autoencoder): only E, D and to_rgb, which are all that stage 1 trains; R keeps its initialisation.
+    """
+    own = generator.state_dict()
+    if set(state) == set(own):
+        generator.load_state_dict(state)
+        return f'generator initialised from {path}'
+    autoencoder = ('encoder.', 'decoder.', 'to_rgb.')
+    ae_state = {k: v for k, v in state.items() if k.startswith(autoencoder)}
+    missing = sorted(k for k in own if k.startswith(autoencoder) and k not in ae_state)
+    if missing:
+        raise RuntimeError(f'stage-1 generator {path} lacks autoencoder weights {missing[:5]} '
+                           f'(trained with other encoder/decoder settings?)')
+    generator.load_state_dict(ae_state, strict=False)
+    return (f'autoencoder (E, D) initialised from {path}; the repair network differs from the file\'s and '
+            f'starts from its initialisation')
