@@ -277,7 +277,7 @@ def render_card(
         front['model-index'] = [{'name': model_id, 'results': results}]
 
     registry_ok = registry.get('loadable', True)
-    create_args = f"'{name}', pretrained=True" if registry.get('equivalent', True) \
+    create_args = f"'{model_id}', pretrained=True" if registry.get('equivalent', True) \
         else f"'hf-hub:{repo_id}', pretrained=True"
     lines: List[str] = ['---', yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=1000).rstrip(),
                         '---', '', f'# Model card for {model_id}', '', info['summary'], '']
@@ -306,7 +306,7 @@ def render_card(
     lines += ['## Usage', '', '```python', 'import timm', 'import torch',
               'import timm_spot  # registers the timm-spot models with timm (pip install timm-spot)', '']
     if registry_ok and registry.get('equivalent', True):
-        lines += [f"model = timm.create_model('{name}', pretrained=True).eval()",
+        lines += [f"model = timm.create_model('{model_id}', pretrained=True).eval()",
                   '# or name this repo explicitly (reads its config.json):',
                   f"# model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()"]
     else:
@@ -324,13 +324,13 @@ def render_card(
               'machine and set `HF_HUB_OFFLINE=1`; or build the cache from an exported folder with timm-spot\'s '
               f'`python -m hub cache <folder> --repo-id {repo_id} --cache-dir $HF_HUB_CACHE`.', '']
     if not registry_ok:
-        lines += [f"`timm.create_model('{name}', pretrained=True)` does NOT load these weights: the registered "
+        lines += [f"`timm.create_model('{model_id}', pretrained=True)` does NOT load these weights: the registered "
                   'defaults build other tensor shapes (' + '; '.join(registry.get('shape_mismatches', [])[:3]) +
                   ').', '']
     elif not registry.get('equivalent', True):
         diff = ', '.join(f"{k}={v['exported']!r} (registry default {v['registry']!r})"
                          for k, v in registry.get('nondefault_args', {}).items())
-        lines += [f"`timm.create_model('{name}', pretrained=True)` loads these weights into a model built with "
+        lines += [f"`timm.create_model('{model_id}', pretrained=True)` loads these weights into a model built with "
                   f"the registry defaults, which differ: {diff}. Use the `hf-hub:` name.", '']
 
     lines += ['## Results', '']

@@ -206,7 +206,8 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def registry_report(name: str, model_args: Dict[str, Any], shapes: Dict[str, Sequence[int]]) -> Dict[str, Any]:
+def registry_report(name: str, model_args: Dict[str, Any], shapes: Dict[str, Sequence[int]],
+                    tag: Optional[str] = None) -> Dict[str, Any]:
     """Compare exported weights and constructor args with what the registry builds for ``name``.
 
     ``timm.create_model(name, pretrained=True)`` builds the model from the registered defaults (it does not read
@@ -217,7 +218,7 @@ def registry_report(name: str, model_args: Dict[str, Any], shapes: Dict[str, Seq
     import timm
     from timm.models._input import get_model_args
     _import_models()
-    ref = timm.create_model(name, device='meta')
+    ref = timm.create_model(f'{name}.{tag}' if tag else name, device='meta')  # the tag's cfg may set args
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     shapes = {k: tuple(v) for k, v in shapes.items()}
     mismatches = sorted(
@@ -227,6 +228,9 @@ def registry_report(name: str, model_args: Dict[str, Any], shapes: Dict[str, Seq
     defaults = {k: p.default for k, p in inspect.signature(type(ref).__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     defaults.update(get_model_args(ref))  # in_chans / num_classes / global_pool as the registry cfg sets them
+    # constructor args an entrypoint derives from the pretrained tag (e.g. the discriminator's fc6 kernel)
+    derived = {'head_kernel_size': getattr(getattr(ref, 'pre_logits', None), 'kernel_size', None)}
+    defaults.update({k: v for k, v in derived.items() if v is not None and k in defaults})
     nondefault = {}
     for k, v in model_args.items():
         if k in defaults and _jsonable(defaults[k]) != _jsonable(v):
@@ -359,10 +363,10 @@ def export_model(
         if run.config_path is not None:
             shutil.copyfile(run.config_path, stage / TRAINING_CONFIG_NAME)
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        registry = registry_report(name, config.get('model_args', {}), shapes)
+        registry = registry_report(name, config.get('model_args', {}), shapes, tag=tag)
         if not registry['loadable']:
             warns.append(
-                f"timm.create_model({name!r}, pretrained=True) cannot load these weights (registry defaults build "
+                f"timm.create_model({name + '.' + tag!r}, pretrained=True) cannot load these weights (registry defaults build "
                 f"other shapes: {'; '.join(registry['shape_mismatches'][:3])}); only 'hf-hub:{repo_id}' loads them")
         elif not registry['equivalent']:
             warns.append(

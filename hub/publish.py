@@ -86,7 +86,7 @@ def check_folder(folder: PathLike) -> Dict[str, Any]:
             problems.append(f'README.md: {e}')
     if problems:
         raise ValueError(f'{folder} is not ready to publish:\n  - ' + '\n  - '.join(problems))
-    registry = registry_report(arch, config.get('model_args', {}), shapes)
+    registry = registry_report(arch, config.get('model_args', {}), shapes, tag=meta.get('pretrained_tag'))
     return dict(folder=folder, architecture=arch, config=config, metadata=meta, card=card, registry=registry,
                 files=describe_files(folder))
 

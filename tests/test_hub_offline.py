@@ -390,7 +390,7 @@ def test_export_folder_config_metadata_and_card(exported):
         assert {'timm', 'self-supervised', 'image-feature-extraction'} <= set(front['tags'])
         assert front['datasets'] == ['ILSVRC/imagenet-1k'] and front['pipeline_tag']
         assert f"timm.create_model('hf-hub:{repo_id(name)}', pretrained=True)" in body
-        assert f"timm.create_model('{name}', pretrained=True)" in body and 'import timm_spot' in body
+        assert f"timm.create_model('{name}.spot_in1k', pretrained=True)" in body and 'import timm_spot' in body
         assert 'Reported in the paper' in body and '| ImageNet: ours (paper) | 19.5 | 33.3 | 37.9 | 38.9 | 34.9 |' in body
     front, body = split_front_matter((exported['out'] / 'alexnet_spot' / 'README.md').read_text())
     assert front['pipeline_tag'] == 'image-feature-extraction'
