@@ -126,6 +126,24 @@ def test_spot_real_image(tmp_path, capsys):
     assert os.path.isfile(os.path.splitext(photo)[0] + '_spot.png')
 
 
+def test_spot_through_the_generator_scores_the_true_mask(tmp_path, capsys):
+    """--generator/--damage: the image is damaged & repaired as in pretraining, the map is scored per cell."""
+    import timm
+    from safetensors.torch import save_file
+
+    photo = _photo(tmp_path)
+    weights = _discriminator_weights(tmp_path, 64)
+    gen_path = str(tmp_path / 'generator.safetensors')
+    gen = timm.create_model('damage_repair_generator')
+    save_file({k: v.contiguous() for k, v in gen.state_dict().items()}, gen_path)
+    out = str(tmp_path / 'spot_damaged.png')
+    assert main(['spot', photo, '--weights', weights, '--generator', gen_path, '--damage', '--out', out]) == 0
+    text = capsys.readouterr().out
+    assert 'true dropped cells' in text and 'cell accuracy' in text and os.path.isfile(out)
+    assert main(['spot', photo, '--weights', weights, '--generator', gen_path, '--out', out]) == 0
+    assert 'true dropped cells' not in capsys.readouterr().out  # autoencoded only: no mask to score
+
+
 def test_spot_map_matches_mask_logits(tmp_path):
     """The overlay's map is sigmoid(-mask_logits), upsampled: 'artifact' where the mask head says 'dropped'."""
     from timm_spot.eval.figures import create_discriminator, spot_image

@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, default=None, help='input size (default: from the weights, else 128)')
     p.add_argument('--out', default=None, help='output PNG (default: <image>_spot.png)')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--generator', default=None, metavar='FILE',
+                   help='damage_repair_generator weights: first pass the image through it, as in pretraining '
+                        '(the discriminator learnt "real" = autoencoded, so raw photos look unlike both classes)')
+    p.add_argument('--damage', action='store_true',
+                   help='with --generator: damage and repair the image (random mask, --seed) and score the map '
+                        'against the true dropped cells; without it the image is only autoencoded')
 
     for kind in ('train', 'validate', 'inference'):
         p = sub.add_parser(f'timm-{kind}', help=f"run timm's {kind}.py with the timm-spot models registered",
@@ -333,9 +339,19 @@ def cmd_spot(args) -> int:
               file=sys.stderr)
     model, img_size = figures.create_discriminator(args.weights, args.img_size, seed=args.seed)
     out = args.out or os.path.splitext(args.image)[0] + '_spot.png'
-    out, stats = figures.spot_figure(model, args.image, out, img_size)
+    image, dropped = None, None
+    if args.generator:
+        import timm
+        generator = timm.create_model('damage_repair_generator', pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=args.generator)).eval()
+        image, dropped = figures.through_generator(generator, open_image(args.image), img_size, args.damage, args.seed)
+    elif args.damage:
+        raise SystemExit('--damage needs --generator FILE (damage_repair_generator weights)')
+    out, stats = figures.spot_figure(model, args.image, out, img_size, image=image, dropped=dropped)
+    extra = (f", true dropped cells {stats['dropped_cells']}, cell accuracy {stats['cell_accuracy']:.2f}"
+             if 'cell_accuracy' in stats else '')
     print(f"wrote {out}: p(real)={stats['p_real']:.3f}, artifact probability mean {stats['artifact_mean']:.3f} "
-          f"max {stats['artifact_max']:.3f} ({stats['grid']}x{stats['grid']} cells at {img_size}px)")
+          f"max {stats['artifact_max']:.3f} ({stats['grid']}x{stats['grid']} cells at {img_size}px){extra}")
     return 0
 
 

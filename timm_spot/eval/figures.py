@@ -16,7 +16,7 @@ from .data import open_image, single_thread
 
 __all__ = [
     'colormap', 'overlay_heatmap', 'first_conv', 'filters_figure', 'neighbours_figure', 'create_discriminator',
-    'discriminator_input', 'gradcam', 'gradcam_figure', 'spot_image', 'spot_figure',
+    'discriminator_input', 'gradcam', 'gradcam_figure', 'spot_image', 'spot_figure', 'through_generator',
 ]
 
 DISCRIMINATOR = 'alexnet_spot_discriminator'
@@ -334,10 +334,29 @@ def spot_image(model: nn.Module, image: Image.Image, img_size: int) -> Tuple[np.
     return up[0, 0].numpy(), float(torch.sigmoid(real_logit.float()[0]))
 
 
-def spot_figure(model: nn.Module, image_path: str, out: str, img_size: int, max_side: int = 512,
-                alpha: float = 0.55) -> Tuple[str, dict]:
-    """The image beside the same image with its predicted artifact map overlaid as a heat-map (plus a colour bar)."""
-    image = open_image(image_path)
+@torch.no_grad()
+def through_generator(generator: nn.Module, image: Image.Image, img_size: int, damage: bool,
+                      seed: int = 0) -> Tuple[Image.Image, Optional[np.ndarray]]:
+    """The image as the discriminator saw it in pretraining: autoencoded (a "real" example) or damaged and
+    repaired with a random drop mask (a "corrupt" example). Returns (image, dropped-cell map or None)."""
+    x = discriminator_input([image], img_size)
+    if damage:
+        x_hat, mask = generator.damage_and_repair(x, generator=torch.Generator().manual_seed(seed))
+        dropped = (1.0 - mask[0, 0]).numpy()
+    else:
+        x_hat, dropped = generator.autoencode(x), None
+    array = ((x_hat[0].permute(1, 2, 0).clamp(-1, 1) + 1.0) * 127.5).round().byte().numpy()
+    return Image.fromarray(array), dropped
+
+
+def spot_figure(model: nn.Module, image_path: Optional[str], out: str, img_size: int, max_side: int = 512,
+                alpha: float = 0.55, image: Optional[Image.Image] = None,
+                dropped: Optional[np.ndarray] = None) -> Tuple[str, dict]:
+    """The image beside the same image with its predicted artifact map overlaid as a heat-map (plus a colour bar).
+
+    ``dropped`` (the true dropped cells of a damaged-and-repaired image) adds how well the map finds them.
+    """
+    image = image if image is not None else open_image(image_path)
     heat, p_real = spot_image(model, image, img_size)
     scale = min(1.0, max_side / max(image.size))
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -360,4 +379,12 @@ def spot_figure(model: nn.Module, image_path: str, out: str, img_size: int, max_
                                     f'max {heat.max():.2f}', fill=(0, 0, 0), font=font)
     stats = dict(p_real=p_real, artifact_mean=float(heat.mean()), artifact_max=float(heat.max()),
                  grid=img_size // 16, img_size=img_size)
+    if dropped is not None:  # cell-level agreement of the predicted map (threshold 0.5) with the true mask
+        g = img_size // 16
+        cells = F.adaptive_avg_pool2d(torch.from_numpy(heat)[None, None], (g, g))[0, 0].numpy() >= 0.5
+        truth = dropped >= 0.5
+        stats.update(dropped_cells=int(truth.sum()), cell_accuracy=float((cells == truth).mean()))
+        if font is not None:
+            draw.text((size[0] + gap + 2, size[1] + 4), f'true dropped cells {int(truth.sum())}/{g * g}, '
+                      f'cell accuracy {stats["cell_accuracy"]:.2f}', fill=(0, 0, 0), font=font)
     return _save(canvas, out), stats
