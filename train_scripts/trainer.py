@@ -279,7 +279,9 @@ class Pretrainer:
         return not (self.cfg['generator'] == 'gan' and self.cfg['real_source'] == 'input')
 
     def check_finite(self, stage: int, step: int, losses: Dict[str, torch.Tensor]) -> None:
-        bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
+        # one host sync for all losses (this runs every step)
+        finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()]).tolist()
+        bad = [k for k, ok in zip(losses, finite) if not ok]
         n_bad = len(bad)
         if self.world > 1:
             flag = torch.tensor([float(n_bad)], device=self.device)

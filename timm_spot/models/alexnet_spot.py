@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from timm.layers import ClassifierHead, create_conv2d, create_pool2d, get_device_dtype
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
@@ -309,11 +310,11 @@ def fold_batchnorm(
         bn_state: Dict[str, torch.Tensor],
         eps: float = BN_EPS,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fold an eval-mode BatchNorm that follows a conv into the conv's weight and bias (exact)."""
-    scale = bn_state['weight'] / torch.sqrt(bn_state['running_var'] + eps)
-    weight = conv_weight * scale.reshape(-1, 1, 1, 1)
-    bias = (conv_bias - bn_state['running_mean']) * scale + bn_state['bias']
-    return weight, bias
+    """Fold an eval-mode BatchNorm that follows a conv into the conv's weight and bias (exact), via torch's fusion."""
+    weight, bias = fuse_conv_bn_weights(
+        conv_weight, conv_bias, bn_state['running_mean'], bn_state['running_var'], eps,
+        bn_state['weight'], bn_state['bias'])
+    return weight.detach(), bias.detach()
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: AlexNetSpot) -> Dict[str, torch.Tensor]:

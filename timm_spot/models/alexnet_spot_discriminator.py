@@ -27,8 +27,9 @@ import torch.nn as nn
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._registry import generate_default_cfgs, register_model
 
-from ._builder import PAPER_CFG, build_spot_model
-from .alexnet_spot import SPOT_MEAN, SPOT_STD, AlexNetSpot, checkpoint_filter_fn
+from ._builder import build_spot_model
+from .alexnet_spot import SPOT_MEAN, AlexNetSpot, checkpoint_filter_fn
+from .alexnet_spot import _cfg as _backbone_cfg
 
 __all__ = ['AlexNetSpotDiscriminator']
 
@@ -159,14 +160,8 @@ def _create_discriminator(variant: str, pretrained: bool = False, **kwargs: Any)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        'num_classes': 1, 'input_size': (3, 128, 128), 'pool_size': (8, 8),
-        'crop_pct': 0.85, 'interpolation': 'bicubic',
-        'mean': SPOT_MEAN, 'std': SPOT_STD,
-        'first_conv': 'features.conv1', 'classifier': 'head.fc',
-        **PAPER_CFG,
-        **kwargs,
-    }
+    # the backbone's cfg (same trunk, input normalisation, first conv, classifier name) with one real/corrupt logit
+    return _backbone_cfg(**{'num_classes': 1, **kwargs})
 
 
 default_cfgs = generate_default_cfgs({

@@ -187,7 +187,7 @@ class ConvBnAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-class ResizeConv(nn.Module):
+class ResizeConv(ConvBnAct):
     """Decoder layer D_i: bilinear 2x upsampling -> 3x3 'SAME' conv -> BatchNorm -> LeakyReLU (``up_conv2d``)."""
 
     def __init__(
@@ -200,17 +200,14 @@ class ResizeConv(nn.Module):
             device=None,
             dtype=None,
     ) -> None:
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        super().__init__(in_chs, out_chs, 3, stride=1, leak=leak, bn_momentum=bn_momentum, bn_eps=bn_eps,
+                         device=device, dtype=dtype)
         # NOTE TF1's tf.image.resize_images(BILINEAR) (legacy, align_corners=False, no half-pixel centres) samples
         # the input half a pixel off compared with PyTorch's align_corners=False (half-pixel centres)
         self.up = nn.Upsample(scale_factor=2., mode='bilinear', align_corners=False)
-        self.conv = create_conv2d(in_chs, out_chs, 3, stride=1, padding='same', bias=False, **dd)
-        self.bn = nn.BatchNorm2d(out_chs, eps=bn_eps, momentum=bn_momentum, **dd)
-        self.act = nn.LeakyReLU(leak)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(self.up(x))))
+        return self.act(self.bn(self.conv(self.up(x))))  # (TorchScript has no super() calls)
 
 
 class RepairBlock(nn.Module):
