@@ -58,6 +58,8 @@ _SPEC: List[Tuple[str, Any, str]] = [
     ('beta1', 0.5, 'Adam beta1'),
     ('beta2', 0.999, 'Adam beta2'),
     ('adam_eps', 1e-5, 'Adam epsilon (TF code 1e-5)'),
+    ('fused_adam', True, "torch's fused Adam kernel (CPU and CUDA; same update as the per-tensor loop up to "
+                         "rounding)"),
     ('weight_decay', 5e-5, 'L2 weight decay added to the losses: wd * 0.5 * sum(w^2) (TF l2_regularizer)'),
     ('weight_decay_biases', True, 'apply the weight decay to conv/linear biases too (not to BatchNorm)'),
     ('bias_grad_mult', 1.0, 'multiply conv/linear bias gradients by this (the TF code uses 2.0; Adam is '
@@ -68,6 +70,11 @@ _SPEC: List[Tuple[str, Any, str]] = [
     ('mask_loss_weight', 0.1, 'C: weight of the drop-mask sigmoid cross-entropy (0 = ablation (g))'),
     ('adv_loss_weight', 1.0, 'R: weight of the non-saturating adversarial loss'),
     ('rec_loss_weight', 30.0, 'R: weight of the L2 loss on kept cells'),
+    ('generator_loss', 'nonsaturating', "R's objective: 'nonsaturating' (paper Sec. 4.4: corrupt images labelled "
+                                        "real) or 'code' (the authors' code: C's own losses plus the swapped-label "
+                                        "CE, which pushes C to uncertainty on corrupt images and helps its mask head; "
+                                        "docs/method.md)"),
+    ('r_lr_factor', 1.0, "R's learning rate as a multiple of C's (lr)"),
     # --- method / ablations
     ('ablation', None, "Table 1 preset: 'baseline' (theta 0.5) or 'a'..'l' (applied before the config file "
                        "and overrides)"),
@@ -93,14 +100,19 @@ _SPEC: List[Tuple[str, Any, str]] = [
     ('init_generator', None, 'stage 2 only runs: stage-1 generator safetensors (default: '
                              '<output_dir>/damage_repair_generator_stage1.safetensors)'),
     # --- run
+    ('snapshots', [], 'stage 2: also save the backbone after these fractions of the stage (e.g. [0, 0.25, 0.5]) '
+                      'as snapshots/alexnet_spot_stage2_step<N>.safetensors (learning curves)'),
     ('seed', 0, 'seed of every random draw (crops, flips, masks, buffer picks, init, dropout)'),
     ('output_dir', 'runs/pretrain', 'run directory (weights, config, metrics, figures, checkpoints)'),
     ('overwrite', False, 'start afresh when output_dir already holds checkpoints (else: error unless --resume)'),
     ('resume', None, "'latest' (or true): continue from output_dir/checkpoints/latest; or a checkpoint dir"),
     ('cpu', False, 'train on the CPU even if an accelerator is available (multi-process CPU runs use gloo)'),
-    ('mixed_precision', 'no', "'no', 'bf16' or 'fp16' (Accelerate autocast; losses stay float32)"),
-    ('channels_last', False, 'channels-last memory format for the networks and images'),
-    ('threads', None, 'torch CPU threads per process (null: torch default / cores per process)'),
+    ('mixed_precision', 'auto', "'auto' (bf16 where it is fast: GPUs with bf16, CPUs with AVX512-BF16 or AMX; "
+                                "else float32), 'no', 'bf16' or 'fp16' (Accelerate autocast; losses stay float32)"),
+    ('channels_last', 'auto', "channels-last memory format for the networks and images ('auto': on with bf16 "
+                              "and on GPUs)"),
+    ('threads', None, 'torch CPU threads per process (null: one per idle core, cores shared by the processes: '
+                      'on a busy 2-core machine 2 threads ran at half the speed of 1)'),
     ('log_every', 10, 'steps between metrics.jsonl records / progress-bar updates'),
     ('figure_every', 200, 'steps between Figure-3 grids (0: only at the end of a stage)'),
     ('checkpoint_every', 500, 'steps between checkpoints (0: only at the end of a stage)'),
@@ -150,7 +162,8 @@ _CHOICES = {
     'generator': ('damage_repair', 'gan'),
     'repair': ('distributed', 'local', 'none'),
     'fill': ('avg', 'noise'),
-    'mixed_precision': ('no', 'bf16', 'fp16'),
+    'mixed_precision': ('auto', 'no', 'bf16', 'fp16'),
+    'generator_loss': ('nonsaturating', 'code'),
 }
 
 
@@ -262,6 +275,13 @@ def validate(cfg: Dict[str, Any]) -> None:
         cfg['resume'] = 'latest'
     elif cfg['resume'] is False:
         cfg['resume'] = None
+    if cfg['channels_last'] not in (True, False, 'auto'):
+        raise ConfigError(f"channels_last must be true, false or auto, got {cfg['channels_last']!r}")
+    if not float(cfg['r_lr_factor']) > 0:
+        raise ConfigError(f"r_lr_factor must be > 0, got {cfg['r_lr_factor']!r}")
+    if not isinstance(cfg['snapshots'], list) or not all(isinstance(f, (int, float)) and 0 <= f <= 1
+                                                          for f in cfg['snapshots']):
+        raise ConfigError(f"snapshots must be a list of stage-2 fractions in [0, 1], got {cfg['snapshots']!r}")
     for key in ('generator_kwargs', 'discriminator_kwargs'):
         if not isinstance(cfg[key], dict):
             raise ConfigError(f'{key} must be a mapping, got {cfg[key]!r}')
@@ -273,6 +293,51 @@ def parse_stage_step(value: Any, key: str) -> Tuple[int, int]:
         return int(stage), int(step)
     except ValueError:
         raise ConfigError(f"{key} must be 'stage:step' (e.g. '2:3'), got {value!r}") from None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo: the CPUs where oneDNN's bf16 kernels beat float32."""
+    try:
+        with open('/proc/cpuinfo', 'r', encoding='utf-8') as f:
+            flags = next((line for line in f if line.startswith('flags')), '')
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ('avx512_bf16', 'amx_bf16'))
+
+
+def resolve_precision(cfg: Dict[str, Any], device_type: str) -> Tuple[str, bool]:
+    """The (mixed_precision, channels_last) a run uses on ``device_type`` ('cpu' / 'cuda' / ...), resolving 'auto'
+    from what was measured fastest (benchmarks/README.md): bf16 autocast + channels_last on GPUs with bf16 and on
+    CPUs with AVX512-BF16/AMX, float32 NCHW elsewhere."""
+    precision = cfg['mixed_precision']
+    if precision == 'auto':
+        if device_type == 'cuda':
+            import torch
+            precision = 'bf16' if torch.cuda.is_bf16_supported() else 'no'
+        elif device_type == 'cpu':
+            precision = 'bf16' if cpu_has_fast_bf16() else 'no'
+        else:
+            precision = 'no'
+    channels_last = cfg['channels_last']
+    if channels_last == 'auto':
+        channels_last = precision == 'bf16' or device_type == 'cuda'
+    return precision, bool(channels_last)
+
+
+def default_threads(processes_here: int = 1) -> int:
+    """Torch threads per process when ``threads`` is null: the idle cores (cores minus the 1-minute load average,
+    at least 1) shared by this machine's processes. Never more threads than free cores: oversubscribed OpenMP
+    threads wait on each other."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        busy = 0.0
+    idle = max(1, int(round(cores - busy)))
+    return max(1, min(cores // max(1, processes_here), idle))
 
 
 def generator_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ All functions compute in float32 whatever the autocast dtype of their inputs.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -79,6 +79,55 @@ def kept_cells_l2_loss(x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor)
     return sq.sum() / denom
 
 
+def discriminator_objective(real_logits: torch.Tensor, corrupt_logits: torch.Tensor,
+                            real_mask_logits: Optional[torch.Tensor], corrupt_mask_logits: Optional[torch.Tensor],
+                            corrupt_masks: torch.Tensor, class_weight: float = 1.0, mask_weight: float = 0.1
+                            ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """L_C, C's objective (paper Sec. 4.4, eq. 3 with the mask term of Sec. 4.3; docs/method.md):
+    ``class_weight * CE(real vs corrupt) + mask_weight * sigmoid-CE(mask logits, Omega)`` (weight decay is added
+    by the trainer). Returns the total and its parts ``c_class``, ``c_mask``."""
+    cls = discriminator_class_loss(real_logits, corrupt_logits)
+    if mask_weight > 0 and corrupt_mask_logits is not None:
+        msk = mask_loss(real_mask_logits, corrupt_mask_logits, corrupt_masks)
+    else:
+        msk = torch.zeros((), device=real_logits.device)
+    return class_weight * cls + mask_weight * msk, {'c_class': cls, 'c_mask': msk}
+
+
+def repair_objective(real_logits: torch.Tensor, corrupt_logits: torch.Tensor,
+                     real_mask_logits: Optional[torch.Tensor], corrupt_mask_logits: Optional[torch.Tensor],
+                     x_hat: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor], kind: str = 'nonsaturating',
+                     adv_weight: float = 1.0, rec_weight: float = 30.0, class_weight: float = 1.0,
+                     mask_weight: float = 0.1) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """L_R, the repair network's objective (paper Sec. 4.4; docs/method.md), from C's outputs on [real; x_hat]:
+
+    * ``nonsaturating`` (paper): ``adv_weight * BCE(C(x_hat), real) + rec_weight * L2 on kept cells``;
+    * ``code`` (the authors' code sums every loss in R's scope): ``L_C(true labels) + adv_weight * CE(swapped
+      labels over [real; corrupt]) + rec_weight * L2 on kept cells``. On a corrupt logit the two class terms give
+      the gradient ``sigmoid(l) - 1/2`` (up to scale): R makes C *uncertain* instead of fooling it, and the mask
+      term is cooperative (R's artifacts become easier to locate).
+
+    ``mask`` None = no kept-cell term (the GAN of ablation (l)). Only the corrupt half carries gradient to R.
+    Returns the total (without weight decay) and its parts ``r_adv``, ``r_rec`` (and ``r_coop`` for ``code``).
+    """
+    rec = kept_cells_l2_loss(x_hat, x, mask) if mask is not None else torch.zeros((), device=x_hat.device)
+    parts: Dict[str, torch.Tensor] = {'r_rec': rec}
+    if kind == 'nonsaturating':
+        adv = generator_adversarial_loss(corrupt_logits)
+        total = adv_weight * adv + rec_weight * rec
+    elif kind == 'code':
+        adv = discriminator_class_loss(corrupt_logits, real_logits)  # swapped labels, mean over 2B
+        coop, _ = discriminator_objective(real_logits, corrupt_logits, real_mask_logits, corrupt_mask_logits,
+                                          mask if mask is not None else torch.ones_like(corrupt_logits),
+                                          class_weight, mask_weight)
+        parts['r_coop'] = coop
+        total = coop + adv_weight * adv + rec_weight * rec
+    else:
+        raise ValueError(f"generator_loss must be 'nonsaturating' or 'code', got {kind!r}")
+    parts['r_adv'] = adv
+    return total, parts
+
+
 @torch.no_grad()
 def discriminator_accuracies(real_logits: torch.Tensor, corrupt_logits: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Fraction of real images classified real (logit > 0) and of corrupt ones classified corrupt."""
@@ -97,10 +146,31 @@ def mask_accuracies(real_mask_logits: torch.Tensor, corrupt_mask_logits: torch.T
     target_kept = corrupt_masks > 0.5
     dropped = (~target_kept).float()
     return {
+        'mask_auc': binary_auc(-corrupt_mask_logits.float().flatten(), (~target_kept).flatten()),
         'mask_acc': (pred_kept == target_kept).float().mean(),
         'mask_acc_real': (real_mask_logits.float() > 0).float().mean(),
         'mask_recall_dropped': ((~pred_kept).float() * dropped).sum() / dropped.sum().clamp_min(1.0),
     }
+
+
+@torch.no_grad()
+def binary_auc(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Area under the ROC curve of ``scores`` for the boolean ``positives`` (Mann-Whitney U with average ranks for
+    ties; 0.5 when one class is absent): threshold-free, so a head stuck near its prior still shows what it ranks."""
+    n_pos = positives.sum()
+    n_neg = positives.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return torch.tensor(0.5, device=scores.device)
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, scores.numel() + 1, device=scores.device, dtype=scores.dtype)
+    uniq, inverse = torch.unique(scores, return_inverse=True)
+    if uniq.numel() < scores.numel():  # average ranks over ties
+        sums = torch.zeros_like(uniq).index_add_(0, inverse, ranks)
+        counts = torch.zeros_like(uniq).index_add_(0, inverse, torch.ones_like(ranks))
+        ranks = (sums / counts)[inverse]
+    u = ranks[positives].sum() - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
 
 
 def decayed_parameters(module: nn.Module, trainable: Optional[Iterable[torch.Tensor]] = None,

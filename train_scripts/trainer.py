@@ -41,9 +41,9 @@ from .data import (TAG_FIGURE, TAG_HISTORY, TAG_INIT, TAG_MASK, TAG_NOISE, TAG_T
                    open_source, torch_generator)
 from .figures import figure3_rows, make_grid, save_png
 from .history import HistoryBuffer
-from .losses import (bias_parameters, decayed_parameters, discriminator_accuracies, discriminator_class_loss,
-                     generator_adversarial_loss, kept_cells_l2_loss, mask_accuracies, mask_loss,
-                     reconstruction_loss, scale_gradients, weight_decay_loss)
+from .losses import (bias_parameters, decayed_parameters, discriminator_accuracies, discriminator_objective,
+                     kept_cells_l2_loss, mask_accuracies, reconstruction_loss, repair_objective, scale_gradients,
+                     upsample_mask, weight_decay_loss)
 
 GENERATOR_FILE = 'damage_repair_generator.safetensors'
 GENERATOR_STAGE1_FILE = 'damage_repair_generator_stage1.safetensors'
@@ -72,14 +72,14 @@ class AutoencoderStep(nn.Module):
 
 
 class RepairStep(nn.Module):
-    """Stage 2 generator forward: x_hat = damage & repair of x with the given mask."""
+    """Stage 2 generator forward: x_hat = R(damage(phi, mask), mask) from the (frozen) encoder feature phi = E(x)."""
 
     def __init__(self, generator: nn.Module) -> None:
         super().__init__()
         self.generator = generator
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.generator.damage_and_repair(x, mask)[0]
+    def forward(self, phi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.generator.repair_decode(self.generator.damage(phi, mask), mask)
 
 
 class PretextStep(nn.Module):
@@ -195,9 +195,11 @@ class Pretrainer:
         # (gloo) mode when told to use the CPU
         distributed_env = int(os.environ.get('LOCAL_RANK', -1)) != -1 or int(os.environ.get('WORLD_SIZE', 1)) > 1
         use_cpu = bool(cfg['cpu']) or (distributed_env and not torch.cuda.is_available())
+        device_type = 'cpu' if use_cpu or not torch.cuda.is_available() else 'cuda'
+        self.mixed_precision, self.channels_last = config_lib.resolve_precision(cfg, device_type)
         self.accelerator = Accelerator(
             cpu=use_cpu,
-            mixed_precision=cfg['mixed_precision'],
+            mixed_precision=self.mixed_precision,
             log_with='tensorboard' if cfg['tensorboard'] else None,
             project_config=ProjectConfiguration(project_dir=self.out, logging_dir=os.path.join(self.out, 'tensorboard')),
         )
@@ -205,15 +207,13 @@ class Pretrainer:
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
-        if cfg['threads']:
-            torch.set_num_threads(int(cfg['threads']))
-        elif self.world > 1 and self.device.type == 'cpu':
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.state.num_processes))
+        if self.device.type == 'cpu':
+            local = int(os.environ.get('LOCAL_WORLD_SIZE', acc.state.num_processes))
+            torch.set_num_threads(int(cfg['threads']) if cfg['threads'] else config_lib.default_threads(local))
         self.seed = int(cfg['seed'])
         self.batch_size = int(cfg['batch_size'])
         self.grid = (cfg['img_size'] // 16, cfg['img_size'] // 16)
         self.ckpt_root = os.path.join(self.out, CHECKPOINT_DIR)
-        self.channels_last = bool(cfg['channels_last'])
 
         self.history = HistoryBuffer(int(cfg['history_batches']) * self.batch_size, float(cfg['history_fraction']),
                                      enabled=bool(cfg['history']))
@@ -395,7 +395,10 @@ class Pretrainer:
             self.accelerator.init_trackers('pretrain', config=flat)
         self.log_info(f'timm-spot pretraining: {self.out} | data {cfg["data"]!r} '
                       f'({self.n_images if self.n_images else "?"} images) | {self.world} process(es) on '
-                      f'{self.device} | batch {self.batch_size}/process | stage steps {self.stage_totals}'
+                      f'{self.device} ({self.mixed_precision if self.mixed_precision != "no" else "float32"}'
+                      f'{", channels_last" if self.channels_last else ""}'
+                      f'{f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""}) | '
+                      f'batch {self.batch_size}/process | stage steps {self.stage_totals}'
                       + (f' | ablation ({cfg["ablation"]}) {config_lib.ABLATION_NAMES[cfg["ablation"]]}'
                          if cfg['ablation'] else ''))
         if self.needs_autoencoder() or cfg['generator'] == 'damage_repair':
@@ -466,6 +469,7 @@ class Pretrainer:
                          disable=not (self.is_main and cfg['progress']), file=sys.stdout)
         batches = self.batches(stage, start_step)
         step = start_step
+        self.maybe_snapshot(stage, step)
         t_mark = time.perf_counter()
         while step < limit:
             images, skipped, indices, position = next(batches)
@@ -493,6 +497,7 @@ class Pretrainer:
                 self.figure(stage, step)
             if cfg['checkpoint_every'] and step % int(cfg['checkpoint_every']) == 0 and step < limit:
                 self.save(stage, step)
+            self.maybe_snapshot(stage, step)
             if cfg['debug_step_sleep']:
                 time.sleep(float(cfg['debug_step_sleep']))
             t_mark = time.perf_counter()
@@ -507,6 +512,17 @@ class Pretrainer:
             path = os.path.join(self.out, 'debug', f'rank{self.rank}.json')
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write_text(path, json.dumps(self.debug_record))
+
+    def maybe_snapshot(self, stage: int, step: int) -> None:
+        """Stage 2: the backbone at the configured fractions of the stage (learning curves)."""
+        if stage != 2 or not self.is_main or self.discriminator is None:
+            return
+        total = self.stage_totals[2]
+        if step not in {round(float(f) * total) for f in self.cfg['snapshots']}:
+            return
+        path = os.path.join(self.out, 'snapshots', f'alexnet_spot_stage2_step{step:07d}.safetensors')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_save_safetensors(self.discriminator.backbone_state_dict(), path)
 
     def log_metrics(self, stage: int, step: int) -> None:
         m = self.meters
@@ -616,7 +632,28 @@ class Pretrainer:
         atomic_write_text(args_path, json.dumps(model_args, indent=1))
 
     # ------------------------------------------------------------------ stage 1
+    def make_adam(self, params: List[torch.Tensor], lr_factor: float = 1.0) -> torch.optim.Optimizer:
+        """Adam with the recipe's hyper-parameters; the fused kernel where torch has one (one pass over all
+        tensors instead of a Python loop of small ops: the 16.8 M-weight fc6 made Adam ~10 % of a CPU step)."""
+        cfg = self.cfg
+        kwargs = dict(lr=float(cfg['lr']) * lr_factor, betas=(float(cfg['beta1']), float(cfg['beta2'])),
+                      eps=float(cfg['adam_eps']))
+        if cfg['fused_adam'] and self.device.type in ('cpu', 'cuda'):
+            return torch.optim.Adam(params, fused=True, **kwargs)
+        return torch.optim.Adam(params, **kwargs)
+
     def run_stage1(self, resume_path: Optional[str]) -> None:
+        step_fn = self.build_stage1()
+        start = self.load_checkpoint(resume_path, 1) if resume_path else 0
+        self.log_info(f'stage 1 (autoencoder): steps {start}..{self.stage_totals[1]}'
+                      + (f' (max_steps {self.cfg["max_steps"]})' if self.cfg['max_steps'] is not None else ''))
+        self.loop(1, start, step_fn, {'generator': self.generator})
+        self.write_weights(1)
+        self.generator.requires_grad_(False)
+        self.accelerator.free_memory()
+
+    def build_stage1(self):
+        """Stage 1's optimizer and step function ``step_fn(step, x) -> metrics`` (also timed by benchmark.py)."""
         cfg, acc, gen = self.cfg, self.accelerator, self.generator
         total = self.stage_totals[1]
         gen.requires_grad_(False)
@@ -624,15 +661,13 @@ class Pretrainer:
         for p in params:
             p.requires_grad_(True)
         gen.train()
-        optimizer = torch.optim.Adam(params, lr=float(cfg['lr']), betas=(float(cfg['beta1']), float(cfg['beta2'])),
-                                     eps=float(cfg['adam_eps']))
+        optimizer = self.make_adam(params)
         model, optimizer = acc.prepare(AutoencoderStep(gen), optimizer)
         decay = decayed_parameters(gen, params, bool(cfg['weight_decay_biases']))
         biases = bias_parameters(gen, params)
         self.run_state.frozen = {}
         self.run_state.stage = 1
         self.meters.reset()
-        start = self.load_checkpoint(resume_path, 1) if resume_path else 0
         ae_weight, wd, bias_mult = float(cfg['ae_loss_weight']), float(cfg['weight_decay']), float(cfg['bias_grad_mult'])
 
         def step_fn(step: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -650,19 +685,24 @@ class Pretrainer:
             return {'ae_rec': rec.detach(), 'ae_mse': rec.detach() / ae_weight, 'ae_wd': wd_loss.detach(),
                     'ae_total': loss.detach(), 'lr': torch.tensor(lr)}
 
-        self.log_info(f'stage 1 (autoencoder): steps {start}..{total}'
-                      + (f' (max_steps {cfg["max_steps"]})' if cfg['max_steps'] is not None else ''))
-        self.loop(1, start, step_fn, {'generator': gen})
-        self.write_weights(1)
-        gen.requires_grad_(False)
-        acc.free_memory()
+        return step_fn
 
     # ------------------------------------------------------------------ stage 2
     def run_stage2(self, resume_path: Optional[str]) -> None:
+        step_fn, set_modes, hashed = self.build_stage2()
+        start = self.load_checkpoint(resume_path, 2) if resume_path else 0
+        set_modes()
+        self.log_info(f'stage 2 (damage & repair vs discriminator): steps {start}..{self.stage_totals[2]}'
+                      + (f' (max_steps {self.cfg["max_steps"]})' if self.cfg['max_steps'] is not None else ''))
+        self.loop(2, start, step_fn, hashed)
+        self.write_weights(2)
+        self.accelerator.free_memory()
+
+    def build_stage2(self):
+        """Stage 2's models, optimizers and step function; returns ``(step_fn, set_modes, modules_to_hash)``."""
         cfg, acc = self.cfg, self.accelerator
         total = self.stage_totals[2]
         gen = self.generator
-        adam = dict(lr=float(cfg['lr']), betas=(float(cfg['beta1']), float(cfg['beta2'])), eps=float(cfg['adam_eps']))
         include_biases = bool(cfg['weight_decay_biases'])
 
         # frozen E and D (BN eval); trainable R (or the GAN generator)
@@ -693,11 +733,11 @@ class Pretrainer:
         self.discriminator = disc = self.create_discriminator()
         set_modes()
         c_params = list(disc.parameters())
-        c_opt = torch.optim.Adam(c_params, **adam)
+        c_opt = self.make_adam(c_params)
         c_model, c_opt = acc.prepare(PretextStep(disc), c_opt)
         r_model = r_opt = None
         if r_params:
-            r_opt = torch.optim.Adam(r_params, **adam)
+            r_opt = self.make_adam(r_params)
             r_module = RepairStep(gen) if cfg['generator'] == 'damage_repair' else self.gan
             r_model, r_opt = acc.prepare(r_module, r_opt)
         self.run_state.frozen = {}
@@ -712,100 +752,108 @@ class Pretrainer:
         self.meters.reset()
         self.history.clear()
         self.stream_position.epoch = self.stream_position.offset = 0
-        start = self.load_checkpoint(resume_path, 2) if resume_path else 0
-        set_modes()
 
         theta = float(cfg['theta'])
         w_cls, w_mask = float(cfg['class_loss_weight']), float(cfg['mask_loss_weight'])
         w_adv, w_rec = float(cfg['adv_loss_weight']), float(cfg['rec_loss_weight'])
         wd, bias_mult = float(cfg['weight_decay']), float(cfg['bias_grad_mult'])
         use_gan = cfg['generator'] == 'gan'
+        generator_loss, r_lr_factor = cfg['generator_loss'], float(cfg['r_lr_factor'])
         real_is_input = cfg['real_source'] == 'input'
         autocast = acc.autocast
+        phase = torch.profiler.record_function  # labels for benchmark.py --profile (no cost otherwise)
 
         def step_fn(step: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
             b = x.shape[0]
             lr = learning_rate(step, total, cfg)
-            # ---- real and corrupt examples
-            with torch.no_grad(), autocast():
-                x_real = x if real_is_input else gen.autoencode(x)
-            x_real = x_real.float()
-            if use_gan:
-                z = self.gan.sample_noise(b, generator=torch_generator(self.seed, 2, step, self.rank, TAG_NOISE))
-                x_hat = r_model(z.to(self.device))
-                mask = torch.zeros((b, 1) + self.grid, device=self.device)
-            else:
-                mask = gen.sample_mask(b, self.grid, theta,
-                                       generator=torch_generator(self.seed, 2, step, self.rank, TAG_MASK)).to(self.device)
-                if r_model is not None:
-                    x_hat = r_model(x, mask)
+            with phase('stage2: real and corrupt examples'):
+                # ---- real and corrupt examples
+                with torch.no_grad(), autocast():  # E is frozen: phi = E(x) once, no graph, for both paths
+                    phi = None if gen is None else gen.encode(x)
+                    x_real = x if real_is_input else gen.decode(phi)
+                x_real = x_real.float()
+                if use_gan:
+                    z = self.gan.sample_noise(b, generator=torch_generator(self.seed, 2, step, self.rank, TAG_NOISE))
+                    x_hat = r_model(z.to(self.device))
+                    mask = torch.zeros((b, 1) + self.grid, device=self.device)
                 else:
-                    with torch.no_grad(), autocast():
-                        x_hat = gen.damage_and_repair(x, mask)[0]
-            x_hat = x_hat.float()
-            corrupt, corrupt_masks, from_history = self.history.mix(
-                x_hat.detach(), mask, torch_generator(self.seed, 2, step, self.rank, TAG_HISTORY))
+                    mask = gen.sample_mask(b, self.grid, theta,
+                                           generator=torch_generator(self.seed, 2, step, self.rank, TAG_MASK)).to(self.device)
+                    if r_model is not None:
+                        x_hat = r_model(phi, mask)
+                    else:
+                        with torch.no_grad(), autocast():
+                            x_hat = gen.repair_decode(gen.damage(phi, mask), mask)
+                x_hat = x_hat.float()
+                corrupt, corrupt_masks, from_history = self.history.mix(
+                    x_hat.detach(), mask, torch_generator(self.seed, 2, step, self.rank, TAG_HISTORY))
 
-            # ---- C step
-            set_lr(c_opt, lr)
-            c_in = torch.cat([x_real, corrupt])
-            if self.channels_last:
-                c_in = c_in.contiguous(memory_format=torch.channels_last)
-            logits, mask_logits = c_model(c_in)
-            cls = discriminator_class_loss(logits[:b], logits[b:])
-            if w_mask > 0:
-                msk = mask_loss(mask_logits[:b], mask_logits[b:], corrupt_masks)
-            else:
-                msk = torch.zeros((), device=self.device)
-            c_wd = weight_decay_loss(c_decay, wd)
-            c_total = w_cls * cls + w_mask * msk + c_wd
-            self.check_finite(2, step, {'c_class': cls, 'c_mask': msk, 'c_wd': c_wd, 'c_total': c_total})
-            c_opt.zero_grad(set_to_none=True)
-            acc.backward(c_total)
-            scale_gradients(c_biases, bias_mult)
-            c_opt.step()
-            out = {'c_class': cls.detach(), 'c_mask': msk.detach(), 'c_wd': c_wd.detach(), 'c_total': c_total.detach(),
-                   'lr': torch.tensor(lr), 'history_fraction': from_history.float().mean()}
-            out.update(discriminator_accuracies(logits[:b].detach(), logits[b:].detach()))
-            if mask_logits is not None and not use_gan:
-                out.update(mask_accuracies(mask_logits[:b].detach(), mask_logits[b:].detach(), corrupt_masks))
+            with phase('stage2: C step'):
+                # ---- C step
+                set_lr(c_opt, lr)
+                c_in = torch.cat([x_real, corrupt])
+                if self.channels_last:
+                    c_in = c_in.contiguous(memory_format=torch.channels_last)
+                logits, mask_logits = c_model(c_in)
+                m_real, m_corrupt = (None, None) if mask_logits is None else (mask_logits[:b], mask_logits[b:])
+                c_obj, c_parts = discriminator_objective(logits[:b], logits[b:], m_real, m_corrupt, corrupt_masks,
+                                                         w_cls, w_mask)
+                c_wd = weight_decay_loss(c_decay, wd)
+                c_total = c_obj + c_wd
+                self.check_finite(2, step, {**c_parts, 'c_wd': c_wd, 'c_total': c_total})
+                c_opt.zero_grad(set_to_none=True)
+                acc.backward(c_total)
+                scale_gradients(c_biases, bias_mult)
+                c_opt.step()
+                out = {k: v.detach() for k, v in c_parts.items()}
+                out.update({'c_wd': c_wd.detach(), 'c_total': c_total.detach(), 'lr': torch.tensor(lr),
+                            'history_fraction': from_history.float().mean(),
+                            'logit_real': logits[:b].detach().float().mean(),
+                            'logit_corrupt': logits[b:].detach().float().mean()})
+                out.update(discriminator_accuracies(logits[:b].detach(), logits[b:].detach()))
+                if mask_logits is not None and not use_gan:
+                    out.update(mask_accuracies(mask_logits[:b].detach(), mask_logits[b:].detach(), corrupt_masks))
+                if not use_gan:  # how far corrupt images are from the real ones, on dropped pixels
+                    dropped = 1.0 - upsample_mask(mask, x.shape[-2:])
+                    out['corrupt_l1_dropped'] = ((x_hat.detach() - x_real).abs() * dropped).sum() / \
+                        (dropped.sum() * x.shape[1]).clamp_min(1.0)
 
-            # ---- R step (updated C, same batch; C's BN statistics untouched)
-            if r_model is not None:
-                set_lr(r_opt, lr)
-                disc.requires_grad_(False)
-                try:
-                    r_in = torch.cat([x_real, x_hat])
-                    if self.channels_last:
-                        r_in = r_in.contiguous(memory_format=torch.channels_last)
-                    with preserved_batchnorm_stats(disc), autocast():
-                        r_logits, _ = disc.forward_pretext(r_in)
-                    adv = generator_adversarial_loss(r_logits[b:])
-                    rec = torch.zeros((), device=self.device) if use_gan else kept_cells_l2_loss(x_hat, x, mask)
-                    r_wd = weight_decay_loss(r_decay, wd)
-                    r_total = w_adv * adv + w_rec * rec + r_wd
-                    self.check_finite(2, step, {'r_adv': adv, 'r_rec': rec, 'r_wd': r_wd, 'r_total': r_total})
-                    r_opt.zero_grad(set_to_none=True)
-                    acc.backward(r_total)
-                    scale_gradients(r_biases, bias_mult)
-                    r_opt.step()
-                finally:
-                    disc.requires_grad_(True)
-                out.update({'r_adv': adv.detach(), 'r_rec': rec.detach(), 'r_wd': r_wd.detach(),
-                            'r_total': r_total.detach()})
-            elif not use_gan:
-                with torch.no_grad():
-                    out['r_rec'] = kept_cells_l2_loss(x_hat, x, mask)  # no repair network (ablation k): monitor only
+            with phase('stage2: R step'):
+                # ---- R step (updated C, same batch; C's BN statistics untouched)
+                if r_model is not None:
+                    set_lr(r_opt, lr * r_lr_factor)
+                    disc.requires_grad_(False)
+                    try:
+                        r_in = torch.cat([x_real, x_hat])
+                        if self.channels_last:
+                            r_in = r_in.contiguous(memory_format=torch.channels_last)
+                        with preserved_batchnorm_stats(disc), autocast():
+                            r_logits, r_mask_logits = disc.forward_pretext(r_in)
+                        rm_real, rm_corrupt = (None, None) if r_mask_logits is None else \
+                            (r_mask_logits[:b], r_mask_logits[b:])
+                        r_obj, r_parts = repair_objective(r_logits[:b], r_logits[b:], rm_real, rm_corrupt, x_hat, x,
+                                                          None if use_gan else mask, generator_loss, w_adv, w_rec,
+                                                          w_cls, w_mask)
+                        r_wd = weight_decay_loss(r_decay, wd)
+                        r_total = r_obj + r_wd
+                        self.check_finite(2, step, {**r_parts, 'r_wd': r_wd, 'r_total': r_total})
+                        r_opt.zero_grad(set_to_none=True)
+                        acc.backward(r_total)
+                        scale_gradients(r_biases, bias_mult)
+                        r_opt.step()
+                    finally:
+                        disc.requires_grad_(True)
+                    out.update({k: v.detach() for k, v in r_parts.items()})
+                    out.update({'r_wd': r_wd.detach(), 'r_total': r_total.detach()})
+                elif not use_gan:  # no repair network (ablation k): the kept-cell L2 as a monitor only
+                    with torch.no_grad():
+                        out['r_rec'] = kept_cells_l2_loss(x_hat, x, mask)
             return out
 
-        self.log_info(f'stage 2 (damage & repair vs discriminator): steps {start}..{total}'
-                      + (f' (max_steps {cfg["max_steps"]})' if cfg['max_steps'] is not None else ''))
         hashed = {'discriminator': disc}
         if r_params:
             hashed['generator' if not use_gan else 'gan'] = r_root
-        self.loop(2, start, step_fn, hashed)
-        self.write_weights(2)
-        acc.free_memory()
+        return step_fn, set_modes, hashed
 
 
 def load_stage1_weights(generator, state, path: str = 'the stage-1 file') -> str:
