@@ -90,7 +90,13 @@ class ConvFcHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] < self.kernel_size or x.shape[-1] < self.kernel_size:
             x = F.adaptive_avg_pool2d(x, (max(self.kernel_size, x.shape[-2]), max(self.kernel_size, x.shape[-1])))
-        x = self.drop6(self.act6(self.fc6(x)))
+        if x.shape[-2] == self.kernel_size and x.shape[-1] == self.kernel_size:
+            # fc6 spans the whole map (the pretext discriminator's case): the convolution is one matrix product,
+            # computed as such (same parameters and result; CPU convolution kernels are slow for this shape)
+            x = F.linear(x.flatten(1), self.fc6.weight.flatten(1), self.fc6.bias)[:, :, None, None]
+        else:
+            x = self.fc6(x)
+        x = self.drop6(self.act6(x))
         return self.drop7(self.act7(self.fc7(x)))
 
 
