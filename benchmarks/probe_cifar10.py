@@ -40,6 +40,19 @@ PAPER_TABLE4 = {
 }
 
 
+def mean_sd_rows(results):
+    """One probe row from several probe seeds: per layer ``top1`` (mean), ``top1_sd`` and ``train_top1`` (mean)."""
+    import statistics
+
+    row = {'_meta': results[0]['_meta']}
+    for layer in (k for k in results[0] if not k.startswith('_')):
+        vals = [r[layer]['top1'] for r in results]
+        row[layer] = dict(results[0][layer], top1=statistics.fmean(vals),
+                          top1_sd=statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                          train_top1=statistics.fmean(r[layer]['train_top1'] for r in results))
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--weights', nargs='*', default=[], metavar='FILE', help='weights files to probe besides random init')
@@ -53,6 +66,11 @@ def main(argv=None) -> int:
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--weight-decay', type=float, default=0.1)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seeds', type=int, nargs='*', default=None,
+                   help='probe seeds (the linear classifiers\' init and data order; features are computed once): '
+                        'rows then report mean +- SD over them')
+    p.add_argument('--device', default='cpu', help="where features and probes run ('cuda' on a GPU)")
+    p.add_argument('--labels', nargs='*', default=None, help='row names for --weights (default: file names)')
     p.add_argument('--workers', type=int, default=0)
     p.add_argument('--threads', type=int, default=1,
                    help='torch intra-op threads (default 1: on a busy 2-core machine 2 threads made the probe stage '
@@ -77,17 +95,31 @@ def main(argv=None) -> int:
     command = 'python ' + ' '.join(shlex.quote(a) for a in [os.path.relpath(__file__, os.getcwd())] +
                                    (sys.argv[1:] if argv is None else list(argv)))
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    cfg = ProbeConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
     runs = ([] if args.no_random else [None]) + list(args.weights)
+    labels = list(args.labels or [])
+    if labels and len(labels) != len(args.weights):
+        p.error(f'--labels: {len(labels)} names for {len(args.weights)} --weights files')
+    seeds = args.seeds if args.seeds else [args.seed]
     t0 = time.time()
-    rows, timings = {}, {}
-    for w in runs:
-        name = f'{args.model} (random init)' if w is None else f'{args.model} ({os.path.basename(w)})'
+    rows, timings, per_seed = {}, {}, {}
+    data = None
+    for i, w in enumerate(runs):
+        if w is None:
+            name = f'{args.model} (random init)'
+        else:
+            j = i - (len(runs) - len(args.weights))
+            name = labels[j] if labels else f'{args.model} ({os.path.basename(w)})'
         t = time.time()
-        res = layerwise_probe(model_name=args.model, weights=w, source=args.data, train_per_class=args.train_per_class,
-                              val_per_class=args.val_per_class, img_size=args.img_size, crop_pct=1.0, probe=cfg,
-                              cache_dir=cache, seed=args.seed, workers=args.workers)
-        rows[name] = res
+        results = []
+        for seed in seeds:
+            res = layerwise_probe(model_name=args.model, weights=w, source=args.data,
+                                  train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                                  img_size=args.img_size, crop_pct=1.0, probe=ProbeConfig(
+                                      epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=seed),
+                                  cache_dir=cache, seed=args.seed, workers=args.workers, device=args.device)
+            results.append(res)
+        rows[name] = mean_sd_rows(results)
+        per_seed[name] = [{k: v['top1'] for k, v in r.items() if not k.startswith('_')} for r in results]
         timings[name] = round(time.time() - t, 1)
     total = time.time() - t0
 
@@ -95,8 +127,12 @@ def main(argv=None) -> int:
     print()
     print(f'command: {command}')
     print(f'CIFAR-10 linear probes, top-1 % on the held-out {meta["n_val"]} images '
-          f'({meta["n_train"]} training images, {args.img_size}px, {args.epochs} epochs):')
+          f'({meta["n_train"]} training images, {args.img_size}px, {args.epochs} epochs, '
+          f'{len(seeds)} probe seed(s){": mean, SD below" if len(seeds) > 1 else ""}):')
     print(format_table(rows))
+    if len(seeds) > 1:
+        print('SD over probe seeds:')
+        print(format_table(rows, key='top1_sd'))
     if args.paper:
         print(format_table({k: {f'conv{i + 1}': {'top1': v} for i, v in enumerate(vals)}
                             for k, vals in PAPER_TABLE4.items()}))
@@ -112,8 +148,8 @@ def main(argv=None) -> int:
           f'{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}')
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(command=command, rows=rows, timings=timings, wall_s=round(total, 1)), f, indent=2,
-                      default=str)
+            json.dump(dict(command=command, seeds=seeds, rows=rows, per_seed=per_seed, timings=timings,
+                           wall_s=round(total, 1)), f, indent=2, default=str)
     return 0
 
 
