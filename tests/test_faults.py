@@ -108,6 +108,23 @@ def test_rerun_into_a_run_dir_is_refused_without_overwrite(finished_run, capsys)
     assert snapshot(out) == before
 
 
+def test_stage2_overwrite_checks_the_stage1_generator_first(finished_run, tmp_path, capsys):
+    """A stage-2-only --overwrite run validates its stage-1 generator (readable, E/D shapes of this config) before
+    the earlier run is moved; the stage-1 file it starts from stays in place."""
+    cfg, out = finished_run
+    before = snapshot(out)
+    assert main(['--config', cfg, '--output-dir', str(out), '--stage', '2', '--overwrite',
+                 '--set', f'init_generator={cfg}']) == 2
+    assert 'cannot read the stage-1 generator' in capsys.readouterr().err
+    assert main(['--config', cfg, '--output-dir', str(out), '--stage', '2', '--overwrite',
+                 '--set', 'gen_widths=[8,8,8,8]']) == 2
+    assert 'does not fit' in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert main(['--config', cfg, '--output-dir', str(out), '--stage', '2', '--overwrite']) == 0
+    assert (out / 'damage_repair_generator_stage1.safetensors').read_bytes() == \
+        before['damage_repair_generator_stage1.safetensors']
+
+
 def test_demo_overwrite_does_not_leak_into_other_output_dirs(tmp_path):
     """demo.yaml's 'start afresh' applies only to the demo's own dir (runs/demo), not to any --output-dir, and a
     saved config.yaml never carries overwrite: true."""

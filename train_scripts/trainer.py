@@ -305,11 +305,16 @@ class Pretrainer:
     RUN_DIRS = (CHECKPOINT_DIR, 'figures', 'debug', 'tensorboard')
 
     def _run_outputs(self) -> List[str]:
-        """Names of an earlier run's outputs present in the output dir."""
+        """Names of an earlier run's outputs present in the output dir; empty when it holds nothing of value (no
+        weights, checkpoints, figures or metric records: a config.yaml alone is that of a run that produced
+        nothing, and is simply rewritten)."""
         found = [n for n in self.RUN_FILES if os.path.isfile(os.path.join(self.out, n))]
         found += [n for n in self.RUN_DIRS if os.path.isdir(os.path.join(self.out, n)) and
                   os.listdir(os.path.join(self.out, n))]
-        return found
+        metrics = os.path.join(self.out, 'metrics.jsonl')
+        valuable = [n for n in found if n != 'config.yaml' and
+                    not (n == 'metrics.jsonl' and os.path.getsize(metrics) == 0)]
+        return found if valuable else []
 
     def prepare_output(self) -> Optional[str]:
         """Decide fresh start vs resume, then create the run dir. Returns the checkpoint to resume from, or None.
@@ -332,10 +337,7 @@ class Pretrainer:
             raise FileExistsError(f'{self.out} already holds a run ({", ".join(earlier[:4])}): pass --resume to '
                                   f'continue it, --overwrite to replace it, or another --output-dir')
         if cfg['stage'] == '2' and resume_path is None and self.generator_needed_from_stage1():
-            path = cfg['init_generator'] or os.path.join(self.out, GENERATOR_STAGE1_FILE)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f'stage 2 needs the stage-1 generator: {path} does not exist (run stage 1 '
-                                        f'or set init_generator)')
+            self._check_stage1_file(cfg['init_generator'] or os.path.join(self.out, GENERATOR_STAGE1_FILE))
         self.accelerator.wait_for_everyone()  # every process decided before the main one changes anything
         self.set_aside = None
         if self.is_main:
@@ -367,6 +369,33 @@ class Pretrainer:
                 self._truncate_metrics(metrics, int(meta['stage']), int(meta['step']))
         self.accelerator.wait_for_everyone()
         return resume_path
+
+    def _check_stage1_file(self, path: str) -> None:
+        """The stage-1 generator a stage-2-only run starts from: present, intact, E/D shapes of this config."""
+        import timm
+        from safetensors import safe_open
+
+        from .checkpoint import _readable_problem
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'stage 2 needs the stage-1 generator: {path} does not exist (run stage 1 '
+                                    f'or set init_generator)')
+        problem = _readable_problem(path) if path.endswith('.safetensors') else None
+        try:
+            if problem:
+                raise ValueError(problem)
+            with safe_open(path, 'pt') as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f'cannot read the stage-1 generator {path} (init_generator): {e}') from None
+        with torch.device('meta'):
+            own = timm.create_model('damage_repair_generator', **config_lib.generator_kwargs(self.cfg)).state_dict()
+        bad = [k for k, v in own.items() if k.startswith(('encoder.', 'decoder.', 'to_rgb.'))
+               and shapes.get(k) != tuple(v.shape)]
+        if bad:
+            raise ValueError(f'the stage-1 generator {path} does not fit this config\'s generator: {bad[0]} is '
+                             f'{shapes.get(bad[0])} there, {tuple(own[bad[0]].shape)} here (gen_widths, gen_stem_width, '
+                             f'encoder_kernel_size, generator_kwargs must match the stage-1 run)')
 
     def generator_needed_from_stage1(self) -> bool:
         return self.needs_autoencoder() or self.cfg['generator'] == 'damage_repair'
@@ -509,7 +538,16 @@ class Pretrainer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'stage 2 needs the stage-1 generator: {path} does not exist (run stage 1 or set '
                                     f'init_generator)')
-        note = load_stage1_weights(self.generator, load_file(path, device='cpu'), path)
+        try:
+            state = load_file(path, device='cpu')
+        except Exception as e:  # noqa: BLE001  (truncated or not a safetensors file)
+            raise ValueError(f'cannot read the stage-1 generator {path}: {type(e).__name__}: {e}') from None
+        try:
+            note = load_stage1_weights(self.generator, state, path)
+        except RuntimeError as e:  # other widths / kernel sizes than this config's generator
+            first = str(e).strip().splitlines()[0][:300]
+            raise ValueError(f'the stage-1 generator {path} does not fit this config\'s generator '
+                             f'(gen_widths, gen_stem_width, encoder_kernel_size, generator_kwargs): {first}') from None
         self.log_info(f'stage 2: {note}')
 
     def load_checkpoint(self, path: str, stage: int) -> int:
