@@ -95,7 +95,8 @@ _SPEC: List[Tuple[str, Any, str]] = [
     # --- run
     ('seed', 0, 'seed of every random draw (crops, flips, masks, buffer picks, init, dropout)'),
     ('output_dir', 'runs/pretrain', 'run directory (weights, config, metrics, figures, checkpoints)'),
-    ('overwrite', False, 'start afresh when output_dir already holds checkpoints (else: error unless --resume)'),
+    ('overwrite', False, 'start afresh when output_dir already holds a run (else: error unless --resume); the '
+                         'earlier run is renamed aside and deleted once the new one has a checkpoint'),
     ('resume', None, "'latest' (or true): continue from output_dir/checkpoints/latest; or a checkpoint dir"),
     ('cpu', False, 'train on the CPU even if an accelerator is available (multi-process CPU runs use gloo)'),
     ('mixed_precision', 'no', "'no', 'bf16' or 'fp16' (Accelerate autocast; losses stay float32)"),

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='continue from output_dir/checkpoints/latest (or the given checkpoint dir); the saved '
                              'config.yaml of the run is the base, other flags still override it')
     parser.add_argument('--overwrite', action='store_true', default=None,
-                        help='start afresh even if the output dir holds checkpoints')
+                        help='start afresh even if the output dir holds a run (checked inputs first; the earlier '
+                             'run is renamed to .replaced-* and deleted after the first new checkpoint)')
     parser.add_argument('--tensorboard', action='store_true', default=None, help='log to tensorboard as well')
     parser.add_argument('--no-progress', dest='progress', action='store_false', default=None,
                         help='no tqdm progress bars')
