@@ -67,13 +67,24 @@ def _parquet(path: Path, cells) -> str:
     return str(path)
 
 
+@pytest.fixture(scope='module')
+def master_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('master')
+    out = root / 'run'
+    threads = torch.get_num_threads()
+    try:
+        assert main(['--config', tiny_config(root), '--output-dir', str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 @pytest.fixture
-def finished_run(tmp_path):
-    """A complete tiny run (1 + 1 steps, checkpoints after each): (config path, output dir)."""
-    cfg = tiny_config(tmp_path)
+def finished_run(tmp_path, master_run):
+    """A complete tiny run (1 + 1 steps, checkpoints after each), a fresh copy per test: (config path, output dir)."""
     out = tmp_path / 'run'
-    assert main(['--config', cfg, '--output-dir', str(out)]) == 0
-    return cfg, out
+    shutil.copytree(master_run, out)
+    return tiny_config(tmp_path), out
 
 
 # ------------------------------------------------------------------------------------------------ 1. data loss
