@@ -401,9 +401,12 @@ class Pretrainer:
         return self.needs_autoencoder() or self.cfg['generator'] == 'damage_repair'
 
     def discard_set_aside(self) -> None:
-        aside = getattr(self, 'set_aside', None)
-        if aside and self.is_main:
-            shutil.rmtree(aside, ignore_errors=True)
+        """After this run's first checkpoint: delete the earlier run(s) --overwrite renamed aside (also those of
+        earlier --overwrite attempts killed before their first checkpoint)."""
+        if getattr(self, 'set_aside', None) and self.is_main:
+            for name in os.listdir(self.out):
+                if name.startswith('.replaced-'):
+                    shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
             self.set_aside = None
 
     @staticmethod
