@@ -382,9 +382,24 @@ def export_model(
         )
         (stage / CARD_NAME).write_text(card, encoding='utf-8')
 
+        # replace by rename, delete last: at every instant either the old or the new folder is at `folder`
+        # (a kill between the renames leaves the old one at `.<name>.export-old`, complete)
+        old = folder.parent / f'.{name}.export-old'
+        if old.exists():  # left by a killed export: the released folder if it is the only copy
+            if folder.exists():
+                shutil.rmtree(old)
+            else:
+                os.replace(old, folder)
         if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(stage, folder)
+            os.replace(folder, old)
+        try:
+            os.replace(stage, folder)
+        except BaseException:
+            if old.exists() and not folder.exists():
+                os.replace(old, folder)
+            raise
+        if old.exists():
+            shutil.rmtree(old)
     finally:
         if stage.exists():
             shutil.rmtree(stage)

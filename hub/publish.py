@@ -91,6 +91,24 @@ def check_folder(folder: PathLike) -> Dict[str, Any]:
                 files=describe_files(folder))
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else ''
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """A connection failure (no network, DNS, offline mode), as opposed to an HTTP answer of the Hub."""
+    names = ('ConnectionError', 'ConnectError', 'ConnectTimeout', 'Timeout', 'OfflineModeIsEnabled', 'NameResolution',
+             'gaierror', 'MaxRetryError', 'NewConnectionError', 'ProxyError', 'LocalEntryNotFoundError')
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)) or any(n in type(e).__name__ for n in names):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def pin_instructions(architecture: str, repo_id: str, commit: str, folder: Optional[PathLike] = None,
                      tag: Optional[str] = None) -> List[str]:
     """Lines telling how to pin ``repo_id`` at ``commit`` in timm-spot's default cfgs and by name."""
@@ -192,17 +210,27 @@ def publish_folder(
         if not token:
             raise RuntimeError('no Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`')
         api = HfApi(token=token, library_name='timm-spot', library_version=timm_spot.__version__)
-    repo_url = api.create_repo(repo_id, exist_ok=True, private=private)
-    repo_id = getattr(repo_url, 'repo_id', None) or repo_id
-    if revision != 'main' and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        revision=revision,
-        create_pr=create_pr,
-        commit_message=commit_message or f"Upload {arch} ({meta.get('training_run', 'timm-spot export')})",
-    )
+    # exactly the files the dry run lists (hidden files such as .env, caches and stray folders never leave)
+    allow = [f['path'] for f in info['files']]
+    try:
+        repo_url = api.create_repo(repo_id, exist_ok=True, private=private)
+        repo_id = getattr(repo_url, 'repo_id', None) or repo_id
+        if revision != 'main' and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            revision=revision,
+            create_pr=create_pr,
+            allow_patterns=allow,
+            commit_message=commit_message or f"Upload {arch} ({meta.get('training_run', 'timm-spot export')})",
+        )
+    except Exception as e:  # noqa: BLE001
+        if _is_network_error(e):
+            raise RuntimeError(f'cannot reach the Hugging Face Hub to publish {repo_id} ({type(e).__name__}: '
+                               f'{_first_line(e)}); nothing was uploaded: check the network connection (and '
+                               f'HF_ENDPOINT / HF_HUB_OFFLINE), or list the upload with --dry-run') from None
+        raise
     sha = commit.oid
     summary.update(commit=sha, commit_url=getattr(commit, 'commit_url', None), pr_url=getattr(commit, 'pr_url', None))
     log(f"committed {getattr(commit, 'commit_url', sha)}")

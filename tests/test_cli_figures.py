@@ -96,7 +96,7 @@ def test_figure_gradcam(tmp_path, capsys):
     out2 = str(tmp_path / 'gc2.png')
     assert main(['figure', 'gradcam', *photos, '--weights', weights, '--out', out2, '--target', 'real']) == 0
     assert 'at 64px' in capsys.readouterr().out
-    assert main(['figure', 'gradcam', *photos, '--weights', weights, '--img-size', '128', '--out', out2]) == 1
+    assert main(['figure', 'gradcam', *photos, '--weights', weights, '--img-size', '128', '--out', out2]) == 2
     assert 'for 64px inputs' in capsys.readouterr().err
 
 
@@ -160,11 +160,11 @@ def test_spot_map_matches_mask_logits(tmp_path):
 def test_spot_bad_image_names_file(tmp_path, capsys):
     bad = tmp_path / 'broken.jpg'
     bad.write_bytes(b'this is not a jpeg')
-    assert main(['spot', str(bad), '--img-size', '64']) == 1
+    assert main(['spot', str(bad), '--img-size', '64']) == 2
     assert 'broken.jpg' in capsys.readouterr().err
-    assert main(['spot', str(tmp_path / 'missing.png'), '--img-size', '64']) == 1
+    assert main(['spot', str(tmp_path / 'missing.png'), '--img-size', '64']) == 2
     assert 'missing.png' in capsys.readouterr().err
-    assert main(['figure', 'gradcam', str(bad), '--img-size', '64', '--out', str(tmp_path / 'g.png')]) == 1
+    assert main(['figure', 'gradcam', str(bad), '--img-size', '64', '--out', str(tmp_path / 'g.png')]) == 2
     assert 'broken.jpg' in capsys.readouterr().err
 
 
@@ -183,10 +183,10 @@ def test_cli_probe_errors_name_column_and_counts(tmp_path, capsys):
                                                                 'target': datasets.Value('int64')}))
     path = str(tmp_path / 'd.parquet')
     ds.to_parquet(path)
-    assert main(['probe', '--data', path, '--no-cache']) == 1
+    assert main(['probe', '--data', path, '--no-cache']) == 2
     err = capsys.readouterr().err
     assert "label column 'label' not found" in err and 'target' in err
-    assert main(['probe', '--data', path, '--label-column', 'target', '--num-classes', '10', '--no-cache']) == 1
+    assert main(['probe', '--data', path, '--label-column', 'target', '--num-classes', '10', '--no-cache']) == 2
     err = capsys.readouterr().err
     assert "'target'" in err and '3 classes' in err and '10 outputs' in err
     # and a working run on the same file

@@ -27,7 +27,7 @@ def _kv(items: Optional[List[str]]) -> dict:
     out = {}
     for item in items or []:
         if '=' not in item:
-            raise SystemExit(f'error: --model-kwargs expects key=value, got {item!r}')
+            raise ValueError(f'--model-kwargs expects key=value, got {item!r}')
         k, v = item.split('=', 1)
         try:
             out[k] = ast.literal_eval(v)
@@ -60,6 +60,12 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = 'alexnet_sp
     p.add_argument('--model', default=default_model, help=f'timm model name (default: {default_model})')
     p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra timm.create_model arguments')
     p.add_argument('--seed', type=int, default=0, help='seed for random init and training (default: 0)')
+
+
+def _add_discriminator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--model-args', default=None, metavar='JSON|FILE',
+                   help='alexnet_spot_discriminator constructor args as a JSON object (e.g. \'{"mask_head": false}\') '
+                        'or a run\'s model_args.json (default: the model_args.json beside --weights, if any)')
 
 
 def _add_data_args(p: argparse.ArgumentParser, img_size: int) -> None:
@@ -160,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--num', type=int, default=8)
     p.add_argument('--img-size', type=int, default=None, help='input size (default: from the weights, else 128)')
     p.add_argument('--target', choices=('predicted', 'real', 'corrupt'), default='predicted')
+    _add_discriminator_args(p)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='gradcam.png')
 
@@ -172,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--generator', default=None, metavar='FILE',
                    help='damage_repair_generator weights: first pass the image through it, as in pretraining '
                         '(the discriminator learnt "real" = autoencoded, so raw photos look unlike both classes)')
+    _add_discriminator_args(p)
     p.add_argument('--damage', action='store_true',
                    help='with --generator: damage and repair the image (random mask, --seed) and score the map '
                         'against the true dropped cells; without it the image is only autoencoded')
@@ -289,7 +297,8 @@ def _load_images(source: Optional[str], split: str, image_column: str, limit: in
         images.append(im)
         captions.append(str(item[cap_col]) if cap_col else '')
     if not images:
-        raise SystemExit(f'error: no readable image in {source}')
+        raise ValueError(f'no readable image in data source {source!r} (column {image_column!r}): check --image-column '
+                         f'and that the files are images PIL can read')
     return images, (captions if cap_col else None), source
 
 
@@ -315,7 +324,8 @@ def cmd_figure(args) -> int:
     elif args.figure == 'gradcam':
         if not args.weights:
             print('note: no --weights given: a randomly initialised discriminator', file=sys.stderr)
-        model, img_size = figures.create_discriminator(args.weights, args.img_size, seed=args.seed)
+        model, img_size = figures.create_discriminator(args.weights, args.img_size, seed=args.seed,
+                                                       model_kwargs=figures.parse_model_args(args.model_args))
         if args.images:
             from timm_spot.eval.data import open_image
 
@@ -337,17 +347,23 @@ def cmd_spot(args) -> int:
     if not args.weights:
         print('note: no --weights given: a randomly initialised discriminator (the map is not meaningful)',
               file=sys.stderr)
-    model, img_size = figures.create_discriminator(args.weights, args.img_size, seed=args.seed)
+    model, img_size = figures.create_discriminator(args.weights, args.img_size, seed=args.seed,
+                                                   model_kwargs=figures.parse_model_args(args.model_args))
     out = args.out or os.path.splitext(args.image)[0] + '_spot.png'
     image, dropped = None, None
     if args.generator:
         import timm
+        gen_args, _ = figures.read_model_args(args.generator, 'damage_repair_generator')
         generator = timm.create_model('damage_repair_generator', pretrained=True,
-                                      pretrained_cfg_overlay=dict(file=args.generator)).eval()
+                                      pretrained_cfg_overlay=dict(file=args.generator), **(gen_args or {})).eval()
         image, dropped = figures.through_generator(generator, open_image(args.image), img_size, args.damage, args.seed)
     elif args.damage:
-        raise SystemExit('--damage needs --generator FILE (damage_repair_generator weights)')
+        raise ValueError('--damage needs --generator FILE (damage_repair_generator weights)')
     out, stats = figures.spot_figure(model, args.image, out, img_size, image=image, dropped=dropped)
+    if stats.get('mask_head') is False:
+        print(f"wrote {out}: p(real)={stats['p_real']:.3f}; no artifact map: this discriminator has no mask head "
+              f"(trained without the mask loss, ablations g/l) ({img_size}px)")
+        return 0
     extra = (f", true dropped cells {stats['dropped_cells']}, cell accuracy {stats['cell_accuracy']:.2f}"
              if 'cell_accuracy' in stats else '')
     print(f"wrote {out}: p(real)={stats['p_real']:.3f}, artifact probability mean {stats['artifact_mean']:.3f} "
@@ -372,6 +388,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.threads is not None and args.threads < 1:
+        print(f'error: --threads must be a positive integer, got {args.threads}', file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
@@ -380,7 +399,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     handler = handlers.get(args.command, cmd_timm)
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:  # input mistakes: one line naming the file/option, exit code 2
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except RuntimeError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
 

@@ -13,16 +13,29 @@
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
+import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 CHECKPOINT_DIR = 'checkpoints'
 LATEST = 'latest'
+META = 'meta.json'
 _NAME_RE = re.compile(r'^stage(\d+)_step(\d+)$')
+_CHUNK = 1 << 22
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (corrupt, incomplete, incompatible); the message names it."""
+
+
+class DiskFullError(OSError):
+    """Writing an output failed because the disk is full; the message names the space and the kept checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,6 +152,166 @@ def read_meta(path: str) -> Dict[str, Any]:
         return json.load(f)
 
 
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(_CHUNK), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_digests(path: str) -> Dict[str, str]:
+    """sha256 of every file of a checkpoint directory (relative posix paths), ``meta.json`` excluded."""
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, path).replace(os.sep, '/')
+            if rel != META:
+                out[rel] = sha256_file(full)
+    return dict(sorted(out.items()))
+
+
+def _readable_problem(path: str) -> Optional[str]:
+    """Structural check of one checkpoint file that needs no checksum: safetensors header and data length,
+    torch zip archives' CRCs. None when it looks intact (plain pickles cannot be checked without unpickling)."""
+    name = os.path.basename(path)
+    try:
+        if name.endswith('.safetensors'):
+            size = os.path.getsize(path)
+            with open(path, 'rb') as f:
+                raw = f.read(8)
+                if len(raw) != 8:
+                    return 'shorter than 8 bytes'
+                n = int.from_bytes(raw, 'little')
+                if n > size - 8:
+                    return f'truncated (header length {n}, file size {size})'
+                header = json.loads(f.read(n).decode('utf-8'))
+            end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
+            if 8 + n + end != size:
+                return f'truncated or padded ({size} bytes, the header says {8 + n + end})'
+        elif name.endswith(('.bin', '.pt')) and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                return f'corrupt (CRC mismatch in {bad})'
+        elif name.endswith(('.bin', '.pt')):
+            return 'not a torch.save archive (truncated?)'
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:
+        return f'unreadable ({type(e).__name__}: {e})'
+    return None
+
+
+def verify_checkpoint(path: str) -> Optional[str]:
+    """Why ``path`` cannot be resumed from ('file X: ...'), or None when it is complete and intact.
+
+    Checkpoints written by this version carry the sha256 of each file in ``meta.json`` (``files``); each file is
+    re-hashed. Older ones without checksums get the structural checks of :func:`_readable_problem`.
+    """
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError) as e:
+        return f'{META}: {e}'
+    files = meta.get('files')
+    if isinstance(files, dict):
+        for rel, digest in files.items():
+            full = os.path.join(path, *rel.split('/'))
+            if not os.path.isfile(full):
+                return f'file {rel} is missing'
+            try:
+                actual = sha256_file(full)
+            except OSError as e:
+                return f'file {rel} is unreadable: {e}'
+            if actual != digest:
+                return f'file {rel} does not match its sha256 in {META} (corrupt or modified)'
+        return None
+    for dirpath, _, names in os.walk(path):
+        for name in sorted(names):
+            problem = _readable_problem(os.path.join(dirpath, name))
+            if problem:
+                return f'file {os.path.relpath(os.path.join(dirpath, name), path)} is {problem}'
+    return None
+
+
+def find_resume_checkpoint(root: str, requested: str,
+                           log: Optional[Callable[[str], None]] = None) -> Tuple[str, List[Tuple[str, str]]]:
+    """The checkpoint to resume from and the (path, reason) of the newer ones skipped as corrupt.
+
+    ``requested == 'latest'``: the newest complete checkpoint under ``root`` that verifies (the ``latest`` pointer
+    first), falling back to older ones. A given directory must verify itself (no fallback).
+    """
+    if requested != 'latest':
+        path = os.path.abspath(requested)
+        if not os.path.isdir(path):
+            raise CheckpointError(f'--resume: checkpoint {requested} does not exist')
+        problem = verify_checkpoint(path)
+        if problem:
+            raise CheckpointError(f'--resume: checkpoint {path} cannot be resumed from: {problem}')
+        return path, []
+    candidates = [p for _, _, p in reversed(list_checkpoints(root))]
+    pointed = read_latest(root)
+    if pointed is not None and pointed in candidates:
+        candidates.remove(pointed)
+        candidates.insert(0, pointed)
+    if not candidates:
+        raise CheckpointError(f'--resume: no checkpoint in {root} (nothing to resume; start without --resume)')
+    skipped: List[Tuple[str, str]] = []
+    for path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+        if log is not None:
+            log(f'warning: skipping checkpoint {path}: {problem}')
+    raise CheckpointError('--resume: no intact checkpoint in ' + root + ': ' +
+                          '; '.join(f'{os.path.basename(p)}: {why}' for p, why in skipped))
+
+
+def is_disk_full(exc: BaseException, directory: Optional[str] = None, needed: int = 0) -> bool:
+    """Whether ``exc`` (or its cause) is a full disk: ENOSPC/EDQUOT, torch's zip writer 'unexpected pos' error,
+    or less free space in ``directory`` than ``needed`` bytes."""
+    seen = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', -1)):
+            return True
+        text = str(e)
+        if 'No space left' in text or 'unexpected pos' in text or 'Disk quota' in text:
+            return True
+        e = e.__cause__ or e.__context__
+    if directory is not None:
+        try:
+            free = shutil.disk_usage(directory).free
+        except OSError:
+            return False
+        return free < max(needed, 1 << 20)
+    return False
+
+
+def dir_size(path: Optional[str]) -> int:
+    total = 0
+    if path and os.path.isdir(path):
+        for dirpath, _, files in os.walk(path):
+            for name in files:
+                try:
+                    total += os.path.getsize(os.path.join(dirpath, name))
+                except OSError:
+                    pass
+    return total
+
+
+def disk_full_message(what: str, directory: str, kept: Optional[str]) -> str:
+    try:
+        free = shutil.disk_usage(directory).free
+        space = f'{free / 2 ** 20:.1f} MiB free'
+    except OSError:
+        space = 'free space unknown'
+    keep = (f'the last good checkpoint {kept} is kept: free disk space (or lower keep_checkpoints) and resume '
+            f'with --resume') if kept else 'no checkpoint had been written yet: free disk space and start again'
+    return f'no space left on the disk of {directory} ({space}) while writing {what}; {keep}'
+
+
 def clean_partial(root: str) -> None:
     """Remove ``.tmp-*`` checkpoint directories left by a killed save (main process only)."""
     if os.path.isdir(root):
@@ -169,13 +342,24 @@ def save_checkpoint(accelerator, run_state: 'RunState', root: str, stage: int, s
     run_state.save_dir = tmp
     try:
         accelerator.save_state(tmp)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes space
+        raise
     finally:
         run_state.save_dir = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, 'meta.json'), 'w', encoding='utf-8') as f:
-            json.dump(dict(meta, stage=stage, step=step, world_size=accelerator.num_processes), f, indent=1)
-        _fsync_tree(tmp)
+        try:
+            with open(os.path.join(tmp, META), 'w', encoding='utf-8') as f:
+                json.dump(dict(meta, stage=stage, step=step, world_size=accelerator.num_processes,
+                               files=checkpoint_digests(tmp)), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if os.path.exists(final):  # a checkpoint of a killed run that `latest` never pointed to
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -227,14 +411,19 @@ class RunState:
         if self.load_dir is None:
             raise RuntimeError('RunState.load_state_dict() is only called through the trainer\'s resume')
         if int(state['world_size']) != self.world:
-            raise RuntimeError(f"checkpoint was written by {state['world_size']} processes, this run has {self.world}; "
+            raise CheckpointError(f"checkpoint was written by {state['world_size']} processes, this run has {self.world}; "
                                f'resume with the same number of processes')
         self.stage, self.step = int(state['stage']), int(state['step'])
         for name, module in self.frozen.items():
             if name in state['frozen']:
                 module.load_state_dict(state['frozen'][name])
         path = os.path.join(self.load_dir, f'rank_state_{self.rank}.pt')
-        local = torch.load(path, map_location='cpu', weights_only=False)
+        try:
+            # plain tensors, dicts and numbers only: weights_only=True never runs code from the file
+            local = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # noqa: BLE001  (truncated file, or one holding objects beyond tensors)
+            raise CheckpointError(f'checkpoint {self.load_dir}: cannot load {os.path.basename(path)}: '
+                                  f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
         for name, obj in self.local.items():
             if name in local:
                 if name == 'history':

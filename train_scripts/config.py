@@ -104,7 +104,8 @@ _SPEC: List[Tuple[str, Any, str]] = [
                       'as snapshots/alexnet_spot_stage2_step<N>.safetensors (learning curves)'),
     ('seed', 0, 'seed of every random draw (crops, flips, masks, buffer picks, init, dropout)'),
     ('output_dir', 'runs/pretrain', 'run directory (weights, config, metrics, figures, checkpoints)'),
-    ('overwrite', False, 'start afresh when output_dir already holds checkpoints (else: error unless --resume)'),
+    ('overwrite', False, 'start afresh when output_dir already holds a run (else: error unless --resume); the '
+                         'earlier run is renamed aside and deleted once the new one has a checkpoint'),
     ('resume', None, "'latest' (or true): continue from output_dir/checkpoints/latest; or a checkpoint dir"),
     ('cpu', False, 'train on the CPU even if an accelerator is available (multi-process CPU runs use gloo)'),
     ('mixed_precision', 'auto', "'auto' (bf16 where it is fast: GPUs with bf16, CPUs with AVX512-BF16 or AMX; "
@@ -188,8 +189,19 @@ def _check_keys(d: Dict[str, Any], where: str) -> None:
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
-    with open(path, 'r', encoding='utf-8') as f:
-        data = yaml.safe_load(f) or {}
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file {path} does not exist' if not os.path.exists(path)
+                          else f'config file {path} is not a file')
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark is not None else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ConfigError(f'config file {path} is not valid YAML{where}: {problem}; fix the file') from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f'cannot read config file {path}: {e}') from None
     if not isinstance(data, dict):
         raise ConfigError(f'config file {path} must hold a mapping of keys to values')
     _check_keys(data, path)
@@ -229,9 +241,92 @@ def resolve(user: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dict
     return cfg
 
 
+BOOL_KEYS = ('streaming', 'antialias', 'hflip', 'color_jitter', 'weight_decay_biases', 'gate', 'history',
+             'overwrite', 'cpu', 'channels_last', 'tensorboard', 'progress', 'debug_dump')
+# number keys (float): (key, lowest allowed, highest allowed, low bound inclusive)
+_FLOAT_KEYS = (
+    ('lr', 0.0, None, False), ('lr_end_factor', 0.0, None, True), ('beta1', 0.0, 1.0, True),
+    ('beta2', 0.0, 1.0, True), ('adam_eps', 0.0, None, False), ('weight_decay', 0.0, None, True),
+    ('bias_grad_mult', None, None, True), ('ae_loss_weight', 0.0, None, True),
+    ('class_loss_weight', 0.0, None, True), ('mask_loss_weight', 0.0, None, True),
+    ('adv_loss_weight', 0.0, None, True), ('rec_loss_weight', 0.0, None, True), ('theta', 0.0, 1.0, True),
+    ('history_fraction', 0.0, 1.0, True), ('leak', 0.0, None, True), ('bn_momentum', 0.0, 1.0, True),
+    ('bn_eps', 0.0, None, False), ('stage1_epochs', 0.0, None, True), ('stage2_epochs', 0.0, None, True),
+    ('debug_step_sleep', 0.0, None, True),
+)
+# integer keys: (key, minimum, null allowed)
+_INT_KEYS = (
+    ('img_size', 16, False), ('batch_size', 1, False), ('stage1_steps', 0, True), ('stage2_steps', 0, True),
+    ('max_steps', 0, True), ('dataset_size', 1, True), ('shuffle_buffer', 1, False),
+    ('holdout_per_class', 1, True), ('history_batches', 1, False), ('gen_stem_width', 1, False),
+    ('encoder_kernel_size', 1, False), ('gan_latent_dim', 1, False), ('gan_width', 1, False), ('seed', 0, False),
+    ('threads', 1, True), ('log_every', 1, False), ('figure_every', 0, False), ('checkpoint_every', 0, False),
+    ('keep_checkpoints', 1, False), ('num_workers', 0, False), ('num_figure_images', 1, False),
+)
+_STRING_KEYS_STRICT = (('data', True), ('split', False), ('image_column', False), ('holdout_label_column', False),
+                       ('output_dir', False), ('init_generator', True))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(cfg: Dict[str, Any]) -> None:
+    """Strict types: a quoted "false" is not a boolean, 64 is not a list, abc is not a learning rate.
+
+    Numbers written as YAML strings that parse as numbers (PyYAML reads ``3e-4`` without a dot as a string) are
+    converted in place; anything else names the key, the value and what it must be.
+    """
+    for key in BOOL_KEYS:
+        value = cfg[key]
+        if not isinstance(value, bool):
+            hint = ' (a quoted string: write true or false without quotes)' if isinstance(value, str) else ''
+            raise ConfigError(f'{key} must be true or false, got {value!r}{hint}')
+    for key, low, high, inclusive in _FLOAT_KEYS:
+        value = cfg[key]
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f'{key} must be a number, got {cfg[key]!r}') from None
+        if not _is_number(value) or not math.isfinite(float(value)):
+            raise ConfigError(f'{key} must be a finite number, got {cfg[key]!r}')
+        if low is not None and (value < low or (value == low and not inclusive)):
+            raise ConfigError(f'{key} must be {">=" if inclusive else ">"} {low}, got {cfg[key]!r}')
+        if high is not None and value > high:
+            raise ConfigError(f'{key} must be <= {high}, got {cfg[key]!r}')
+        cfg[key] = value
+    for key, low, nullable in _INT_KEYS:
+        value = cfg[key]
+        if value is None and nullable:
+            continue
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f'{key} must be an integer{" or null" if nullable else ""}, got {value!r}')
+        if value < low:
+            raise ConfigError(f'{key} must be >= {low}, got {value!r}')
+        cfg[key] = value
+    for key, nullable in _STRING_KEYS_STRICT:
+        value = cfg[key]
+        if value is None and nullable:
+            continue
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f'{key} must be a non-empty string{" or null" if nullable else ""}, got {value!r}')
+    widths = cfg['gen_widths']
+    if not isinstance(widths, (list, tuple)) or not widths or \
+            not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+        raise ConfigError(f'gen_widths must be a list of positive integers (e.g. [64, 128, 256, 512]), got {widths!r}')
+    for key in ('crop_scale', 'crop_ratio'):
+        value = cfg[key]
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_number(v) for v in value):
+            raise ConfigError(f'{key} must be a list [low, high] of two numbers, got {value!r}')
+
+
 def validate(cfg: Dict[str, Any]) -> None:
     """Check types and ranges; raise ConfigError naming the key."""
     _check_keys(cfg, 'the configuration')
+    _check_types(cfg)
     for key, choices in _CHOICES.items():
         if cfg[key] not in choices:
             raise ConfigError(f'{key} must be one of {choices}, got {cfg[key]!r}')
@@ -285,6 +380,45 @@ def validate(cfg: Dict[str, Any]) -> None:
     for key in ('generator_kwargs', 'discriminator_kwargs'):
         if not isinstance(cfg[key], dict):
             raise ConfigError(f'{key} must be a mapping, got {cfg[key]!r}')
+
+
+# keys a resumed run must share with the run it continues: they set tensor shapes in the checkpoint (models,
+# optimizer states, history buffer) or the data position (batch_size: the step -> sample mapping)
+RESUME_FIXED_KEYS = ('img_size', 'batch_size', 'gen_stem_width', 'gen_widths', 'encoder_kernel_size', 'repair',
+                     'generator', 'real_source', 'generator_kwargs', 'discriminator_kwargs', 'gan_latent_dim',
+                     'gan_width', 'history', 'history_batches')
+
+
+def resume_fingerprint(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The values of :data:`RESUME_FIXED_KEYS` (plus whether C has a mask head), as stored in checkpoint metadata."""
+    out = {k: copy.deepcopy(cfg[k]) for k in RESUME_FIXED_KEYS if k in cfg}
+    if 'mask_loss_weight' in cfg:
+        out['mask_loss_weight'] = float(cfg['mask_loss_weight'])
+    return out
+
+
+def check_resume_compatible(saved: Dict[str, Any], cfg: Dict[str, Any], where: str) -> None:
+    """Raise ConfigError naming the first key whose value differs from the resumed run's (``saved``)."""
+    for key in RESUME_FIXED_KEYS:
+        if key not in saved or key not in cfg:
+            continue
+        old, new = saved[key], cfg[key]
+        if isinstance(old, tuple):
+            old = list(old)
+        if isinstance(new, tuple):
+            new = list(new)
+        if old != new:
+            raise ConfigError(
+                f'--resume: {key} is {new!r} but the run being resumed ({where}) used {old!r}; {key} fixes the shape of '
+                f'the checkpoint (or the data position), so it cannot change mid-run: drop the option to continue '
+                f'with {old!r}, or start a new run in another --output-dir')
+    if 'mask_loss_weight' in saved and 'mask_loss_weight' in cfg:
+        old, new = float(saved['mask_loss_weight']) > 0, float(cfg['mask_loss_weight']) > 0
+        if old != new:
+            raise ConfigError(
+                f"--resume: mask_loss_weight is {cfg['mask_loss_weight']!r} but the run being resumed ({where}) used "
+                f"{saved['mask_loss_weight']!r}; switching the mask loss on or off adds or removes the "
+                f'discriminator\'s mask head: keep it {"> 0" if old else "0"}, or start a new run in another --output-dir')
 
 
 def parse_stage_step(value: Any, key: str) -> Tuple[int, int]:

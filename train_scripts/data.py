@@ -29,6 +29,10 @@ TAG_DATA, TAG_MASK, TAG_HISTORY, TAG_NOISE, TAG_TORCH, TAG_PERM, TAG_INIT, TAG_F
 _MAX_CONSECUTIVE_UNREADABLE = 1000
 
 
+class DataError(ValueError):
+    """The data source cannot feed the run (no readable image, wrong column, ...); the message names it."""
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (numpy SeedSequence hashing: independent streams for different tuples)."""
     state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint32)
@@ -125,9 +129,8 @@ def train_transform(image: Image.Image, cfg: Dict[str, Any], rng: np.random.Gene
     Small images (CIFAR's 32 px) are upsampled to ``img_size`` by the resize.
     """
     size = int(cfg['img_size'])
-    x = _to_tensor(image)
-    top, left, h, w = crop_params(x.shape[1], x.shape[2], cfg['crop_scale'], cfg['crop_ratio'], rng)
-    x = x[:, top:top + h, left:left + w]
+    top, left, h, w = crop_params(image.height, image.width, cfg['crop_scale'], cfg['crop_ratio'], rng)
+    x = _to_tensor(image.crop((left, top, left + w, top + h)))  # only the crop becomes float (uint8 crop: exact)
     coin = rng.random()
     mode = cfg['interpolation'] if cfg['interpolation'] != 'random' else ('bilinear' if coin > 0.5 else 'bicubic')
     x = _resize(x, size, mode, bool(cfg['antialias']))
@@ -200,6 +203,7 @@ class MapStyleBatches(torch.utils.data.Dataset):
     def __init__(self, ds, cfg: Dict[str, Any], stage: int, rank: int, world: int, num_steps: int) -> None:
         self.ds = ds.select_columns([cfg['image_column']]) if hasattr(ds, 'select_columns') else ds
         self.column = cfg['image_column']
+        self.source = cfg['data']
         self.cfg = {k: cfg[k] for k in ('img_size', 'crop_scale', 'crop_ratio', 'interpolation', 'antialias',
                                         'hflip', 'color_jitter')}
         self.seed = int(cfg['seed'])
@@ -208,7 +212,7 @@ class MapStyleBatches(torch.utils.data.Dataset):
         self.num_steps = num_steps
         self.n = len(ds)
         if self.n == 0:
-            raise ValueError(f"data source {cfg['data']!r} holds no images")
+            raise DataError(f"data source {cfg['data']!r} holds no images")
         self._perm_epoch: Optional[int] = None
         self._perm: Optional[np.ndarray] = None
 
@@ -237,7 +241,7 @@ class MapStyleBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int):
         from timm_spot.data import decode_image
 
-        images, indices, skipped = [], [], 0
+        images, indices, unreadable = [], [], []
         for j in range(self.batch_size):
             idx = self.sample_index(step, j)
             image, tries = None, 0
@@ -245,16 +249,19 @@ class MapStyleBatches(torch.utils.data.Dataset):
                 image = decode_image(self.ds[idx][self.column])
                 if image is not None:
                     break
-                skipped += 1
+                if idx not in unreadable:
+                    unreadable.append(idx)
                 tries += 1
                 if tries >= min(self.n, _MAX_CONSECUTIVE_UNREADABLE):
-                    raise RuntimeError(f'{tries} consecutive unreadable images in the data source (from row {idx}); '
-                                       f'is the image column right?')
+                    raise DataError(f'data source {self.source!r}: {tries} consecutive unreadable images in column '
+                                    f'{self.column!r} (from row {idx}); is it the image column, are the files images?')
                 idx = (idx + 1) % self.n
             rng = numpy_rng(self.seed, self.stage, step, self.rank, j, TAG_DATA)
             images.append(train_transform(image, self.cfg, rng))
             indices.append(idx)
-        return torch.stack(images), skipped, torch.tensor(indices, dtype=torch.long)
+        # unreadable: the rows (not the retries) that could not be decoded in this batch; the trainer counts
+        # each row once per run and names it once
+        return torch.stack(images), unreadable, torch.tensor(indices, dtype=torch.long)
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -344,7 +351,7 @@ class StreamingBatches:
                 with ThreadPoolExecutor(self.num_workers) as pool:
                     for step in range(start_step, self.num_steps):
                         images: List[torch.Tensor] = []
-                        skipped = 0
+                        skipped: List[int] = []  # -1 per unreadable example (streams have no row ids)
                         pos = (self.position.epoch, self.position.offset)
                         while len(images) < self.batch_size:
                             need = self.batch_size - len(images)
@@ -357,7 +364,7 @@ class StreamingBatches:
                             results = list(pool.map(work, [(step, base + i, c) for i, c in enumerate(cells)]))
                             for r in results:
                                 if r is None:
-                                    skipped += 1
+                                    skipped.append(-1)
                                 else:
                                     images.append(r)
                         while not stop.is_set():
@@ -388,12 +395,17 @@ class StreamingBatches:
 
 
 def figure_images(ds, cfg: Dict[str, Any], count: int) -> torch.Tensor:
-    """``count`` readable images spread over the dataset (streams: the first ones), test preprocessing."""
+    """``count`` readable images spread over the dataset (streams: the first ones), test preprocessing.
+
+    Also the run's first check of its data: a source without a single readable image fails here, before the
+    output directory is touched.
+    """
     from timm_spot.data import decode_image
 
     size = int(cfg['img_size'])
     column = cfg['image_column']
     out: List[torch.Tensor] = []
+    tried = 0
     try:
         n = len(ds)
     except TypeError:
@@ -407,6 +419,7 @@ def figure_images(ds, cfg: Dict[str, Any], count: int) -> torch.Tensor:
             if int(idx) in seen:
                 continue
             seen.add(int(idx))
+            tried += 1
             image = decode_image(ds[int(idx)][column])
             if image is not None:
                 out.append(eval_transform(image, size))
@@ -414,9 +427,11 @@ def figure_images(ds, cfg: Dict[str, Any], count: int) -> torch.Tensor:
         for i, row in enumerate(ds):
             if len(out) >= count or i > count * 4:
                 break
+            tried += 1
             image = decode_image(row[column])
             if image is not None:
                 out.append(eval_transform(image, size))
     if not out:
-        raise RuntimeError('no readable image found for the figures')
+        raise DataError(f'data source {cfg["data"]!r} has no readable image: none of the {tried} rows tried in column '
+                        f'{column!r} decodes; check --image-column and that the files are images PIL can read')
     return torch.stack(out)

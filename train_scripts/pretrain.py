@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='continue from output_dir/checkpoints/latest (or the given checkpoint dir); the saved '
                              'config.yaml of the run is the base, other flags still override it')
     parser.add_argument('--overwrite', action='store_true', default=None,
-                        help='start afresh even if the output dir holds checkpoints')
+                        help='start afresh even if the output dir holds a run (checked inputs first; the earlier '
+                             'run is renamed to .replaced-* and deleted after the first new checkpoint)')
     parser.add_argument('--tensorboard', action='store_true', default=None, help='log to tensorboard as well')
     parser.add_argument('--no-progress', dest='progress', action='store_false', default=None,
                         help='no tqdm progress bars')
@@ -99,6 +100,7 @@ def config_from_args(argv=None):
             cli[key] = value
     base_file = args.config or config_lib.DEMO_CONFIG
     user = dict(config_lib.load_yaml(base_file)) if args.config is None else dict(explicit)
+    demo_dir = user.get('output_dir') if args.config is None else None
     user.update(cli)
     cfg = config_lib.resolve(user)
     if cfg['resume']:
@@ -107,13 +109,31 @@ def config_from_args(argv=None):
             saved = config_lib.load_yaml(saved_path)
             base = dict(config_lib.DEFAULTS)
             base.update({k: v for k, v in saved.items() if k not in config_lib.RUNTIME_KEYS})
+            try:
+                config_lib.validate(dict(base))
+            except config_lib.ConfigError as e:
+                raise config_lib.ConfigError(f'the saved config {saved_path} of the run to resume: {e}') from None
             again = dict(explicit)
             again.update(cli)
             cfg = config_lib.resolve(again, base=base)
+            # refuse a shape change before anything is written (config.yaml stays the resumed run's)
+            config_lib.check_resume_compatible(base, cfg, saved_path)
+    elif demo_dir is not None and cfg['output_dir'] == demo_dir and 'overwrite' not in cli:
+        # the demo (no --config) re-run into its own default dir starts afresh; any other --output-dir is guarded
+        cfg['overwrite'] = True
     return cfg, args
 
 
+def _input_errors():
+    from train_scripts.checkpoint import CheckpointError
+
+    return (config_lib.ConfigError, CheckpointError, FileExistsError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, PermissionError, ValueError)
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0 done; 2 an input error (one line naming the option or file, the value and the fix);
+    3 a non-finite loss; 4 the disk is full (the last good checkpoint is kept)."""
     try:
         cfg, args = config_from_args(argv)
     except (config_lib.ConfigError, FileNotFoundError) as e:
@@ -122,6 +142,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config_lib.dump_yaml(cfg))
         return 0
+    from train_scripts.checkpoint import DiskFullError, disk_full_message, is_disk_full, read_latest
     from train_scripts.trainer import NonFiniteLossError, Pretrainer
 
     try:
@@ -129,7 +150,27 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         return 3
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
+    except DiskFullError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        return 4
+    except OSError as e:
+        if not is_disk_full(e):
+            if isinstance(e, _input_errors()):
+                print(f'error: {e}', file=sys.stderr, flush=True)
+                return 2
+            raise
+        out = os.path.abspath(cfg['output_dir'])
+        kept = read_latest(os.path.join(out, 'checkpoints'))
+        print(f'error: {disk_full_message("the outputs", out, kept)} ({e})', file=sys.stderr, flush=True)
+        return 4
+    except RuntimeError as e:
+        if not is_disk_full(e):
+            raise
+        out = os.path.abspath(cfg['output_dir'])
+        kept = read_latest(os.path.join(out, 'checkpoints'))
+        print(f'error: {disk_full_message("the outputs", out, kept)}', file=sys.stderr, flush=True)
+        return 4
+    except _input_errors() as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         return 2
     return 0

@@ -34,8 +34,9 @@ import torch
 import torch.nn as nn
 
 from . import config as config_lib
-from .checkpoint import (CHECKPOINT_DIR, RunState, atomic_save_safetensors, atomic_write_text, clean_partial,
-                         read_latest, read_meta, save_checkpoint)
+from .checkpoint import (CHECKPOINT_DIR, CheckpointError, DiskFullError, RunState, atomic_save_safetensors,
+                         atomic_write_text, clean_partial, dir_size, disk_full_message, find_resume_checkpoint,
+                         is_disk_full, read_latest, read_meta, save_checkpoint)
 from .data import (TAG_FIGURE, TAG_HISTORY, TAG_INIT, TAG_MASK, TAG_NOISE, TAG_TORCH, MapStyleBatches,
                    StreamingBatches, StreamPosition, dataset_length, derive_seed, figure_images, map_style_loader,
                    open_source, torch_generator)
@@ -151,6 +152,7 @@ class Meters:
         self.device = torch.device('cpu') if device is None else device
         self.reset()
         self.skipped_total = 0
+        self.unreadable: set = set()  # dataset rows found unreadable in this run (each counted once)
 
     def reset(self) -> None:
         self.sums: Dict[str, torch.Tensor] = {}
@@ -168,13 +170,14 @@ class Meters:
     def state_dict(self) -> Dict[str, Any]:
         return {'sums': {k: v.detach().cpu().clone() for k, v in self.sums.items()}, 'count': self.count,
                 'skipped': self.skipped,
-                'skipped_total': self.skipped_total}
+                'skipped_total': self.skipped_total, 'unreadable': sorted(self.unreadable)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.sums = {k: v.to(self.device) for k, v in state['sums'].items()}
         self.count = int(state['count'])
         self.skipped = int(state['skipped'])
         self.skipped_total = int(state['skipped_total'])
+        self.unreadable = {int(r) for r in state.get('unreadable', [])}
         self.seconds = 0.0
 
 
@@ -297,31 +300,67 @@ class Pretrainer:
                 f'Lower the learning rate or check the data.')
 
     # ------------------------------------------------------------------ setup
+    RUN_FILES = (GENERATOR_FILE, GENERATOR_STAGE1_FILE, DISCRIMINATOR_FILE, BACKBONE_FILE, GAN_FILE, 'model_args.json',
+                 'config.yaml', 'metrics.jsonl')
+    RUN_DIRS = (CHECKPOINT_DIR, 'figures', 'debug', 'tensorboard')
+
+    def _run_outputs(self) -> List[str]:
+        """Names of an earlier run's outputs present in the output dir; empty when it holds nothing of value (no
+        weights, checkpoints, figures or metric records: a config.yaml alone is that of a run that produced
+        nothing, and is simply rewritten)."""
+        found = [n for n in self.RUN_FILES if os.path.isfile(os.path.join(self.out, n))]
+        found += [n for n in self.RUN_DIRS if os.path.isdir(os.path.join(self.out, n)) and
+                  os.listdir(os.path.join(self.out, n))]
+        metrics = os.path.join(self.out, 'metrics.jsonl')
+        valuable = [n for n in found if n != 'config.yaml' and
+                    not (n == 'metrics.jsonl' and os.path.getsize(metrics) == 0)]
+        return found if valuable else []
+
     def prepare_output(self) -> Optional[str]:
-        """Create the run dir; decide fresh start vs resume. Returns the checkpoint to resume from, or None."""
+        """Decide fresh start vs resume, then create the run dir. Returns the checkpoint to resume from, or None.
+
+        Everything is checked before anything in the output dir changes: the checkpoint to resume (checksums,
+        falling back to the newest intact one; the shape keys of its run), the stage-1 generator a stage-2-only run
+        needs, and an earlier run in the dir (kept unless ``overwrite``; even then it is only renamed aside here,
+        into ``.replaced-*``, and deleted once this run has written its first checkpoint).
+        """
         cfg = self.cfg
         resume_path = None
+        skipped: List[tuple] = []
+        earlier = self._run_outputs()
         if cfg['resume']:
-            resume_path = read_latest(self.ckpt_root) if cfg['resume'] == 'latest' else os.path.abspath(cfg['resume'])
-            if resume_path is None:
-                raise FileNotFoundError(f'--resume: no checkpoint in {self.ckpt_root}')
-            read_meta(resume_path)
-        elif read_latest(self.ckpt_root) is not None and not cfg['overwrite']:
-            raise FileExistsError(f'{self.out} already holds checkpoints: pass --resume to continue that run, '
-                                  f'--overwrite to start afresh, or another --output-dir')
-        self.accelerator.wait_for_everyone()  # every process decided before the main one deletes anything
+            resume_path, skipped = find_resume_checkpoint(self.ckpt_root, cfg['resume'], log=self.log_info)
+            meta = read_meta(resume_path)
+            if isinstance(meta.get('config'), dict):
+                config_lib.check_resume_compatible(meta['config'], cfg, f'checkpoint {resume_path}')
+        elif earlier and not cfg['overwrite']:
+            raise FileExistsError(f'{self.out} already holds a run ({", ".join(earlier[:4])}): pass --resume to '
+                                  f'continue it, --overwrite to replace it, or another --output-dir')
+        if cfg['stage'] == '2' and resume_path is None and self.generator_needed_from_stage1():
+            self._check_stage1_file(cfg['init_generator'] or os.path.join(self.out, GENERATOR_STAGE1_FILE))
+        self.accelerator.wait_for_everyone()  # every process decided before the main one changes anything
+        self.set_aside = None
         if self.is_main:
-            if not cfg['resume'] and cfg['overwrite']:  # a fresh run: no stale outputs of an earlier one
-                for sub in (CHECKPOINT_DIR, 'figures', 'debug', 'tensorboard'):
-                    shutil.rmtree(os.path.join(self.out, sub), ignore_errors=True)
-                for name in (GENERATOR_FILE, GENERATOR_STAGE1_FILE, DISCRIMINATOR_FILE, BACKBONE_FILE, GAN_FILE,
-                             'model_args.json'):
-                    if os.path.isfile(os.path.join(self.out, name)):
-                        os.remove(os.path.join(self.out, name))
+            if resume_path is None and earlier:  # overwrite: rename the earlier run aside, delete it last
+                keep = {GENERATOR_STAGE1_FILE} if cfg['stage'] == '2' and not cfg['init_generator'] else set()
+                aside = os.path.join(self.out, f'.replaced-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}')
+                os.makedirs(aside)
+                for name in earlier:
+                    if name not in keep:
+                        os.replace(os.path.join(self.out, name), os.path.join(aside, name))
+                self.set_aside = aside
+                self.log_info(f'--overwrite: the earlier run in {self.out} was moved to {aside}; it is deleted when '
+                              f'this run has written its first checkpoint')
+            for path, why in skipped:  # kept for inspection, out of the way of `latest` and keep_checkpoints
+                target = os.path.join(os.path.dirname(path), 'corrupt-' + os.path.basename(path))
+                if not os.path.exists(target):
+                    os.replace(path, target)
+                    self.log_info(f'resuming from {resume_path} instead; the skipped checkpoint is kept as {target}')
             os.makedirs(os.path.join(self.out, 'figures'), exist_ok=True)
             os.makedirs(self.ckpt_root, exist_ok=True)
             clean_partial(self.ckpt_root)
-            atomic_write_text(os.path.join(self.out, 'config.yaml'), config_lib.dump_yaml(cfg))
+            saved = dict(cfg, overwrite=False, resume=None)  # a copied config.yaml must not replace runs elsewhere
+            atomic_write_text(os.path.join(self.out, 'config.yaml'), config_lib.dump_yaml(saved))
             metrics = os.path.join(self.out, 'metrics.jsonl')
             if resume_path is None:
                 atomic_write_text(metrics, '')
@@ -330,6 +369,45 @@ class Pretrainer:
                 self._truncate_metrics(metrics, int(meta['stage']), int(meta['step']))
         self.accelerator.wait_for_everyone()
         return resume_path
+
+    def _check_stage1_file(self, path: str) -> None:
+        """The stage-1 generator a stage-2-only run starts from: present, intact, E/D shapes of this config."""
+        import timm
+        from safetensors import safe_open
+
+        from .checkpoint import _readable_problem
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'stage 2 needs the stage-1 generator: {path} does not exist (run stage 1 '
+                                    f'or set init_generator)')
+        problem = _readable_problem(path) if path.endswith('.safetensors') else None
+        try:
+            if problem:
+                raise ValueError(problem)
+            with safe_open(path, 'pt') as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f'cannot read the stage-1 generator {path} (init_generator): {e}') from None
+        with torch.device('meta'):
+            own = timm.create_model('damage_repair_generator', **config_lib.generator_kwargs(self.cfg)).state_dict()
+        bad = [k for k, v in own.items() if k.startswith(('encoder.', 'decoder.', 'to_rgb.'))
+               and shapes.get(k) != tuple(v.shape)]
+        if bad:
+            raise ValueError(f'the stage-1 generator {path} does not fit this config\'s generator: {bad[0]} is '
+                             f'{shapes.get(bad[0])} there, {tuple(own[bad[0]].shape)} here (gen_widths, gen_stem_width, '
+                             f'encoder_kernel_size, generator_kwargs must match the stage-1 run)')
+
+    def generator_needed_from_stage1(self) -> bool:
+        return self.needs_autoencoder() or self.cfg['generator'] == 'damage_repair'
+
+    def discard_set_aside(self) -> None:
+        """After this run's first checkpoint: delete the earlier run(s) --overwrite renamed aside (also those of
+        earlier --overwrite attempts killed before their first checkpoint)."""
+        if getattr(self, 'set_aside', None) and self.is_main:
+            for name in os.listdir(self.out):
+                if name.startswith('.replaced-'):
+                    shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
+            self.set_aside = None
 
     @staticmethod
     def _truncate_metrics(path: str, stage: int, step: int) -> None:
@@ -378,17 +456,46 @@ class Pretrainer:
         total = self.stage_totals[stage]
         if self.streaming:
             stream = StreamingBatches(self.ds, self.cfg, stage, self.rank, self.world, total, self.stream_position)
-            return stream.iterate(start_step)
+            return ((images, self.count_unreadable(rows), indices, position)
+                    for images, rows, indices, position in stream.iterate(start_step))
         batches = MapStyleBatches(self.ds, self.cfg, stage, self.rank, self.world, total)
-        return ((images, skipped, indices, None)
-                for images, skipped, indices in map_style_loader(batches, start_step, int(self.cfg['num_workers'])))
+        return ((images, self.count_unreadable(rows), indices, None)
+                for images, rows, indices in map_style_loader(batches, start_step, int(self.cfg['num_workers'])))
+
+    def count_unreadable(self, rows) -> int:
+        """How many of ``rows`` (unreadable dataset rows of a batch; -1 for stream examples) are new to this run;
+        each new row is named once."""
+        new = 0
+        for row in rows:
+            row = int(row)
+            if row >= 0 and row in self.meters.unreadable:
+                continue
+            new += 1
+            if row < 0:
+                continue
+            self.meters.unreadable.add(row)
+            where = ''
+            try:
+                cell = self.ds[row][self.cfg['image_column']]
+                if isinstance(cell, dict) and cell.get('path'):
+                    where = f" ({cell['path']})"
+            except Exception:  # noqa: BLE001  (only for the message)
+                pass
+            prefix = f'[process {self.rank}] ' if self.world > 1 else ''
+            message = (f'{prefix}warning: skipping unreadable image: row {row}{where} of data source '
+                       f'{self.cfg["data"]!r} (counted in skipped_images; named once)')
+            if self.pbar is not None and self.is_main:
+                self.pbar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr, flush=True)
+        return new
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
+        self.open_data()  # the data source yields images before the output dir is touched
         resume_path = self.prepare_output()
         resume_meta = read_meta(resume_path) if resume_path else None
-        self.open_data()
         stages = [1, 2] if cfg['stage'] == 'both' else [int(cfg['stage'])]
         if self.cfg['tensorboard']:
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.items()}
@@ -437,7 +544,16 @@ class Pretrainer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'stage 2 needs the stage-1 generator: {path} does not exist (run stage 1 or set '
                                     f'init_generator)')
-        note = load_stage1_weights(self.generator, load_file(path, device='cpu'), path)
+        try:
+            state = load_file(path, device='cpu')
+        except Exception as e:  # noqa: BLE001  (truncated or not a safetensors file)
+            raise ValueError(f'cannot read the stage-1 generator {path}: {type(e).__name__}: {e}') from None
+        try:
+            note = load_stage1_weights(self.generator, state, path)
+        except RuntimeError as e:  # other widths / kernel sizes than this config's generator
+            first = str(e).strip().splitlines()[0][:300]
+            raise ValueError(f'the stage-1 generator {path} does not fit this config\'s generator '
+                             f'(gen_widths, gen_stem_width, encoder_kernel_size, generator_kwargs): {first}') from None
         self.log_info(f'stage 2: {note}')
 
     def load_checkpoint(self, path: str, stage: int) -> int:
@@ -447,6 +563,12 @@ class Pretrainer:
         self.run_state.load_dir = path
         try:
             self.accelerator.load_state(path)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001  (a file that passed the checks but does not load)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+            raise CheckpointError(f'cannot resume from checkpoint {path}: {type(e).__name__}: {first[:300]} '
+                                  f'(its files: {", ".join(sorted(os.listdir(path)))})') from None
         finally:
             self.run_state.load_dir = None
         self.last_checkpoint = path
@@ -454,9 +576,17 @@ class Pretrainer:
         return int(self.run_state.step)
 
     def save(self, stage: int, step: int) -> None:
-        self.last_checkpoint = save_checkpoint(self.accelerator, self.run_state, self.ckpt_root, stage, step,
-                                               int(self.cfg['keep_checkpoints']),
-                                               {'total_steps': self.stage_totals[stage]})
+        kept = self.last_checkpoint or read_latest(self.ckpt_root)
+        try:
+            self.last_checkpoint = save_checkpoint(
+                self.accelerator, self.run_state, self.ckpt_root, stage, step, int(self.cfg['keep_checkpoints']),
+                {'total_steps': self.stage_totals[stage], 'config': config_lib.resume_fingerprint(self.cfg)})
+        except Exception as e:  # noqa: BLE001
+            if is_disk_full(e, self.ckpt_root, needed=dir_size(kept)):
+                raise DiskFullError(disk_full_message(f'checkpoint stage{stage} step {step}', self.ckpt_root,
+                                                      kept)) from e
+            raise
+        self.discard_set_aside()
 
     # ------------------------------------------------------------------ the step loop
     def loop(self, stage: int, start_step: int, step_fn, modules_for_hash: Dict[str, nn.Module]) -> None:

@@ -19,9 +19,15 @@ import os
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 BUILTIN_SOURCE = 'builtin'
+
+# images above this many pixels are reduced while decoding (JPEG: by the decoder's draft mode; others: by an
+# integer box reduce) so no caller converts a 10000 x 10000 photo to float whole. No training crop or evaluation
+# resize needs more than 4096 x 4096 source pixels.
+MAX_DECODE_PIXELS = 4096 * 4096
+_ORIENTATION = 0x0112
 
 # scikit-image sample images that ship inside its wheel (no pooch download); real photographs plus a
 # few grayscale / RGBA ones so the default job also exercises mode conversion.
@@ -155,10 +161,31 @@ def decode_image(value: Any) -> Optional[Image.Image]:
             image = Image.fromarray(value)
         else:
             return None
-        image.load()
-        return _to_rgb(image)
-    except Exception:  # truncated, corrupt, unsupported: the caller counts it
+        return _finish_decode(image)
+    except Exception:  # truncated, corrupt, unsupported, decompression bomb: the caller counts it
         return None
+
+
+def _finish_decode(image: Image.Image, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
+    """Load (reduced when huge), apply the EXIF orientation, convert to 8-bit RGB."""
+    try:
+        orientation = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001  (a broken EXIF block: keep the pixels as stored)
+        orientation = 1
+    pixels = image.width * image.height
+    if pixels > max_pixels:
+        factor = int(np.ceil(np.sqrt(pixels / max_pixels)))
+        if image.format == 'JPEG':  # decode at 1/2, 1/4 or 1/8 scale directly
+            image.draft(image.mode, (max(1, image.width // factor), max(1, image.height // factor)))
+        image.load()
+        if image.width * image.height > max_pixels:
+            image = image.reduce(int(np.ceil(np.sqrt(image.width * image.height / max_pixels))))
+    else:
+        image.load()
+    if orientation not in (None, 1):
+        image.getexif()[_ORIENTATION] = orientation  # reduce() drops the EXIF block: keep the tag
+        image = ImageOps.exif_transpose(image)
+    return _to_rgb(image)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -105,7 +105,16 @@ def load_labelled(
         count = len(names)
     else:
         try:
-            labels = np.asarray(raw, dtype=np.int64)
+            values = np.asarray(raw)
+            if values.dtype == bool or values.dtype.kind not in 'iuf':
+                raise TypeError(f'values of type {values.dtype}')
+            if values.dtype.kind == 'f':  # 1.0, 2.0 are class ids; 0.5 or NaN is not (int64 would truncate it)
+                bad = ~np.isfinite(values) | (values != np.round(values))
+                if bad.any():
+                    first = int(np.flatnonzero(bad)[0])
+                    raise ValueError(f'{int(bad.sum())} non-integer value(s), e.g. {values[first]!r} in row {first}; '
+                                     f'class labels must be integers (pick the label column with --label-column)')
+            labels = values.astype(np.int64)
         except (TypeError, ValueError) as e:
             raise ValueError(f'{where} does not hold class labels (int, str or ClassLabel): {e}') from None
         if labels.ndim != 1:
@@ -220,6 +229,16 @@ def open_image(path: str) -> Image.Image:
     """Open an image file as RGB; a clear error naming the file when it is missing or not an image."""
     if not os.path.exists(path):
         raise FileNotFoundError(f'image file {path!r} does not exist')
+    if os.path.isdir(path):
+        raise ValueError(f'image file {path!r} is a folder, not an image')
+    try:
+        with Image.open(path) as probe:
+            probe.size
+    except Image.DecompressionBombError as e:
+        raise ValueError(f'image file {path!r} is too large to decode safely: {e} (PIL\'s decompression-bomb limit, '
+                         f'PIL.Image.MAX_IMAGE_PIXELS); downscale the image first') from None
+    except Exception:  # noqa: BLE001  (not an image: decode_image below says so)
+        pass
     image = decode_image(path)
     if image is None:
         raise ValueError(f'cannot read image file {path!r}: not an image PIL can decode (or truncated/corrupt)')

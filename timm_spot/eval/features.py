@@ -241,9 +241,21 @@ def create_backbone(model_name: str, weights: Optional[str] = None, seed: int = 
         model = timm.create_model(model_name, pretrained=True, num_classes=num_classes,
                                   pretrained_cfg_overlay=dict(file=weights), **model_kwargs)
         _check_weights_overlap(model, weights, model_name)
+        check_finite_weights(model, weights)
     else:
         model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **model_kwargs)
     return model
+
+
+def check_finite_weights(model: nn.Module, weights: Optional[str] = None) -> None:
+    """Raise ``ValueError`` naming the file and a tensor when any parameter or buffer is NaN or infinite (a
+    diverged run's weights give results that look normal: chance accuracy, p(real) = nan)."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        where = f'weights file {weights!r}' if weights else 'the model'
+        raise ValueError(f'{where} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[0]!r}: '
+                         f'the training diverged or the file is corrupt; use weights from an earlier checkpoint')
 
 
 def _check_weights_overlap(model: nn.Module, weights: str, model_name: str) -> None:

@@ -2,6 +2,7 @@
 the real-vs-corrupt decision (Fig. 9) and the discriminator's predicted artifact map for one image (``spot``)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import List, Optional, Sequence, Tuple
@@ -201,18 +202,65 @@ def _kernel_key(model_name: str) -> Optional[str]:
     return diff[0] if diff else None
 
 
+def read_model_args(weights: str, model_name: str = DISCRIMINATOR) -> Tuple[Optional[dict], Optional[int]]:
+    """(constructor kwargs of ``model_name``, img_size) from the ``model_args.json`` a pretraining run writes next to
+    its weights, or (None, None) when there is none."""
+    path = os.path.join(os.path.dirname(os.path.abspath(weights)), 'model_args.json')
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            args = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'cannot read {path} (constructor args of the weights beside it): {e}; fix or remove it, '
+                         f'or pass --model-args') from None
+    if not isinstance(args, dict):
+        raise ValueError(f'{path} must hold a JSON object (model name -> constructor args)')
+    kwargs = args.get(model_name)
+    size = args.get('img_size')
+    return (dict(kwargs) if isinstance(kwargs, dict) else None), (int(size) if isinstance(size, int) else None)
+
+
+def parse_model_args(value: Optional[str], model_name: str = DISCRIMINATOR) -> Optional[dict]:
+    """``--model-args``: a JSON object or the path of a JSON file (a run's model_args.json: its ``model_name`` entry
+    is taken)."""
+    if value is None:
+        return None
+    text = value
+    if os.path.isfile(value):
+        with open(value, 'r', encoding='utf-8') as f:
+            text = f.read()
+    try:
+        args = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f'--model-args {value!r} is neither a JSON object nor a JSON file: {e}') from None
+    if not isinstance(args, dict):
+        raise ValueError(f'--model-args {value!r} must be a JSON object, e.g. {{"mask_head": false}}')
+    if isinstance(args.get(model_name), dict):
+        args = args[model_name]
+    return {k: v for k, v in args.items() if k not in ('img_size', 'how_to_load')}
+
+
 def create_discriminator(weights: Optional[str] = None, img_size: Optional[int] = None,
-                         model_name: str = DISCRIMINATOR, seed: int = 0) -> Tuple[nn.Module, int]:
+                         model_name: str = DISCRIMINATOR, seed: int = 0,
+                         model_kwargs: Optional[dict] = None) -> Tuple[nn.Module, int]:
     """``alexnet_spot_discriminator`` for ``img_size`` (a multiple of 16), weights loaded; returns (model, img_size).
 
-    With a weights file the image size is read from it (fc6's kernel covers the whole conv5 map, H/16); a
-    conflicting ``img_size`` is an error. Without weights: random init (seeded), ``img_size`` default 128.
+    Constructor kwargs: ``model_kwargs``, else the ``model_args.json`` of the run beside the weights file (so
+    discriminators trained with ``mask_head=False`` or another head load), else read from the weights (fc6 kernel
+    and width, whether there is a mask head). With a weights file the image size is read from it (fc6's kernel
+    covers the whole conv5 map, H/16); a conflicting ``img_size`` is an error. Without weights: random init
+    (seeded), ``img_size`` default 128.
     """
     import timm
 
     import timm_spot  # noqa: F401
 
-    kernel = None
+    from .features import check_finite_weights
+
+    kwargs = dict(model_kwargs or {})
+    run_size = None
+    kernel = kwargs.get('head_kernel_size')
     if weights:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f'weights file {weights!r} does not exist')
@@ -222,28 +270,50 @@ def create_discriminator(weights: Optional[str] = None, img_size: Optional[int] 
             state = load_state_dict(weights)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f'cannot read weights file {weights!r}: {e}') from None
+        if model_kwargs is None:
+            found, run_size = read_model_args(weights, model_name)
+            if found:
+                kwargs = found
+                kernel = kwargs.get('head_kernel_size')
         key = _kernel_key(model_name)
         if key is not None:
             match = key if key in state else next((n for n in state if n.endswith(key)), None)
             if match is None:
                 raise ValueError(f'weights file {weights!r} has no {key!r}: is it an {model_name} checkpoint? '
                                  f'(keys include {sorted(state)[:4]})')
-            kernel = int(state[match].shape[-1])
-        if img_size is not None and kernel is not None and img_size // 16 != kernel:
-            raise ValueError(f'weights file {weights!r} is for {kernel * 16}px inputs (head kernel {kernel}), '
+            if kernel is None:
+                kernel = int(state[match].shape[-1])
+            kwargs.setdefault('head_hidden_size', int(state[match].shape[0]))
+        if 'mask_head' not in kwargs:
+            kwargs['mask_head'] = any(k.startswith('mask_head.') or '.mask_head.' in k for k in state)
+        expected = run_size or (kernel * 16 if kernel is not None else None)
+        if img_size is not None and expected is not None and img_size != expected:
+            raise ValueError(f'weights file {weights!r} is for {expected}px inputs (head kernel {kernel}), '
                              f'not {img_size}px')
+        img_size = img_size or expected
     if kernel is None:
         img_size = img_size or 128
         if img_size % 16:
             raise ValueError(f'image size must be a multiple of 16, got {img_size}')
         kernel = img_size // 16
+    img_size = img_size or kernel * 16
+    if img_size % 16:
+        raise ValueError(f'image size must be a multiple of 16, got {img_size}')
     torch.manual_seed(seed)
-    kwargs = dict(head_kernel_size=kernel)
+    kwargs['head_kernel_size'] = kernel
+    try:
+        if weights:
+            model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=weights), **kwargs)
+        else:
+            model = timm.create_model(model_name, **kwargs)
+    except (RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f'cannot build {model_name}({", ".join(f"{k}={v!r}" for k, v in kwargs.items())})'
+                         f'{" from " + repr(weights) if weights else ""}: {first[:300]}; pass the constructor args '
+                         f'it was trained with (--model-args JSON or the run\'s model_args.json)') from None
     if weights:
-        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=weights), **kwargs)
-    else:
-        model = timm.create_model(model_name, **kwargs)
-    return model.eval(), kernel * 16
+        check_finite_weights(model, weights)
+    return model.eval(), img_size
 
 
 def discriminator_input(images: Sequence[Image.Image], img_size: int) -> torch.Tensor:
@@ -329,9 +399,16 @@ def spot_image(model: nn.Module, image: Image.Image, img_size: int) -> Tuple[np.
     """(artifact probability map at the image's own size, in [0, 1]; probability that the image is real)."""
     x = discriminator_input([image], img_size)
     real_logit, mask_logits = model.forward_pretext(x)
+    if not bool(torch.isfinite(real_logit).all()) or (mask_logits is not None and
+                                                      not bool(torch.isfinite(mask_logits).all())):
+        raise ValueError('the discriminator gives non-finite outputs (NaN or inf) for this image: its weights are '
+                         'broken (a diverged run?); use weights from an earlier checkpoint')
+    p_real = float(torch.sigmoid(real_logit.float()[0]))
+    if mask_logits is None:  # trained without the mask head (ablations g, l): only p(real)
+        return None, p_real
     artifact = torch.sigmoid(-mask_logits.float())  # mask logit > 0: intact; < 0: artifact
     up = F.interpolate(artifact, size=(image.height, image.width), mode='bilinear', align_corners=False)
-    return up[0, 0].numpy(), float(torch.sigmoid(real_logit.float()[0]))
+    return up[0, 0].numpy(), p_real
 
 
 @torch.no_grad()
@@ -358,6 +435,18 @@ def spot_figure(model: nn.Module, image_path: Optional[str], out: str, img_size:
     """
     image = image if image is not None else open_image(image_path)
     heat, p_real = spot_image(model, image, img_size)
+    if heat is None:  # no mask head: the image with p(real) only
+        scale = min(1.0, max_side / max(image.size))
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        view = image.resize(size, Image.BICUBIC) if size != image.size else image
+        canvas = Image.new('RGB', (size[0], size[1] + 20), (255, 255, 255))
+        canvas.paste(view, (0, 0))
+        font = _font()
+        if font is not None:
+            ImageDraw.Draw(canvas).text((2, size[1] + 4), f'p(real)={p_real:.2f}  (no mask head: no artifact map)',
+                                        fill=(0, 0, 0), font=font)
+        return _save(canvas, out), dict(p_real=p_real, artifact_mean=None, artifact_max=None, grid=img_size // 16,
+                                        img_size=img_size, mask_head=False)
     scale = min(1.0, max_side / max(image.size))
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     view = image.resize(size, Image.BICUBIC) if size != image.size else image

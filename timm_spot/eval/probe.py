@@ -82,6 +82,14 @@ def train_linear_probes(
     if int(ytr.max()) >= num_classes:
         raise ValueError(f'labels go up to {int(ytr.max())} but num_classes is {num_classes}')
     others = [val.features] if val is not None else []
+    for part, fs in (('training', train), ('validation', val)):
+        if fs is None:
+            continue
+        for name, x in zip(fs.names, fs.features):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f'{part} features of layer {name} hold {int((~torch.isfinite(x)).sum())} non-finite '
+                                 f'values (NaN or inf): the model weights (or the images) give NaN; check the weights '
+                                 f'file (a diverged run?) and clear the feature cache (--no-cache)')
     if cfg.standardize:
         xtr, others = _standardize(train.features, others)
     else:
