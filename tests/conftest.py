@@ -25,3 +25,16 @@ def imagenet_samples_path() -> Path:
     if not IMAGENET_SAMPLES.exists():
         pytest.skip(f'real data not found at {IMAGENET_SAMPLES} (set TIMM_SPOT_DATA to the shared data folder)')
     return IMAGENET_SAMPLES
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps its precision in a process-wide singleton: tests that build trainers with different
+    ``mixed_precision`` settings in one process would otherwise clash ('AcceleratorState has already been
+    initialized')."""
+    yield
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:  # pragma: no cover
+        return
+    AcceleratorState._reset_state(True)

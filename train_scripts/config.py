@@ -242,7 +242,7 @@ def resolve(user: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dict
 
 
 BOOL_KEYS = ('streaming', 'antialias', 'hflip', 'color_jitter', 'weight_decay_biases', 'gate', 'history',
-             'overwrite', 'cpu', 'channels_last', 'tensorboard', 'progress', 'debug_dump')
+             'overwrite', 'cpu', 'tensorboard', 'progress', 'debug_dump', 'fused_adam')
 # number keys (float): (key, lowest allowed, highest allowed, low bound inclusive)
 _FLOAT_KEYS = (
     ('lr', 0.0, None, False), ('lr_end_factor', 0.0, None, True), ('beta1', 0.0, 1.0, True),
@@ -252,7 +252,7 @@ _FLOAT_KEYS = (
     ('adv_loss_weight', 0.0, None, True), ('rec_loss_weight', 0.0, None, True), ('theta', 0.0, 1.0, True),
     ('history_fraction', 0.0, 1.0, True), ('leak', 0.0, None, True), ('bn_momentum', 0.0, 1.0, True),
     ('bn_eps', 0.0, None, False), ('stage1_epochs', 0.0, None, True), ('stage2_epochs', 0.0, None, True),
-    ('debug_step_sleep', 0.0, None, True),
+    ('debug_step_sleep', 0.0, None, True), ('r_lr_factor', 0.0, None, False),
 )
 # integer keys: (key, minimum, null allowed)
 _INT_KEYS = (
@@ -372,8 +372,6 @@ def validate(cfg: Dict[str, Any]) -> None:
         cfg['resume'] = None
     if cfg['channels_last'] not in (True, False, 'auto'):
         raise ConfigError(f"channels_last must be true, false or auto, got {cfg['channels_last']!r}")
-    if not float(cfg['r_lr_factor']) > 0:
-        raise ConfigError(f"r_lr_factor must be > 0, got {cfg['r_lr_factor']!r}")
     if not isinstance(cfg['snapshots'], list) or not all(isinstance(f, (int, float)) and 0 <= f <= 1
                                                           for f in cfg['snapshots']):
         raise ConfigError(f"snapshots must be a list of stage-2 fractions in [0, 1], got {cfg['snapshots']!r}")
