@@ -151,8 +151,11 @@ def publish_folder(
     advice: List[str] = []  # reasons not to publish (blocking unless force)
     notes: List[str] = []  # conventions (never blocking)
     import timm.models
-    default_cfg = timm.models.get_pretrained_cfg(f"{arch}.{meta.get('pretrained_tag', '')}") \
-        if meta.get('pretrained_tag') else None
+    try:  # a tag not in timm_spot's release table (yet) has no registered cfg
+        default_cfg = timm.models.get_pretrained_cfg(f"{arch}.{meta.get('pretrained_tag', '')}") \
+            if meta.get('pretrained_tag') else None
+    except RuntimeError:
+        default_cfg = None
     canonical = default_cfg.hf_hub_id.split('@')[0] if default_cfg is not None and default_cfg.hf_hub_id else None
     if repo_id == canonical:
         if not registry['equivalent']:
