@@ -12,7 +12,9 @@ import timm_spot  # noqa: F401
 from timm_spot.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, '..', 'shared', 'data')
+from conftest import DATA_ROOT  # noqa: E402  ($TIMM_SPOT_DATA, default <repo>/../shared/data)
+
+SHARED = str(DATA_ROOT)
 SAMPLES = os.path.join(SHARED, 'imagenet-samples', 'samples_160.parquet')
 CIFAR = os.path.join(SHARED, 'cifar10', 'train.parquet')
 
@@ -201,7 +203,7 @@ def test_cli_probe_errors_name_column_and_counts(tmp_path, capsys):
     assert os.path.isfile(out)
 
 
-@pytest.mark.skipif(not os.path.isfile(CIFAR), reason=f'shared CIFAR-10 data not found at {CIFAR}')
+@pytest.mark.skipif(not os.path.isfile(CIFAR), reason=f'real CIFAR-10 data not found at {CIFAR} (set TIMM_SPOT_DATA)')
 def test_cli_transfer_linear_and_finetune_on_cifar(tmp_path, capsys):
     """Table 2 protocol on real images: folds from a column-free fold file, linear and one fine-tuning epoch."""
     folds = tmp_path / 'fold_indices.txt'
