@@ -208,3 +208,27 @@ def test_real_timm_train_then_validate_from_released_backbone(tmp_path):
     res = json.loads(results.read_text())
     res = res[0] if isinstance(res, list) else res
     assert res['model'] == 'alexnet_spot' and 0.0 <= float(res['top1']) <= 100.0
+
+
+def test_image_folder_writer_makes_timm_train_and_validation_folders(tmp_path):
+    import datasets
+
+    from timm_spot.data.imagefolder import main as folder_main
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in range(3):
+        for _ in range(5):
+            buf = __import__('io').BytesIO()
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format='PNG')
+            rows.append(({'bytes': buf.getvalue(), 'path': None}, c))
+    ds = datasets.Dataset.from_dict(
+        {'image': [r[0] for r in rows], 'label': [r[1] for r in rows]},
+        features=datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=['a', 'b', 'c'])}))
+    src = str(tmp_path / 'd.parquet')
+    ds.to_parquet(src)
+    out = tmp_path / 'folder'
+    assert folder_main([src, str(out), '--classes', '2', '--train-per-class', '3', '--val-per-class', '2']) == 0
+    assert sorted(p.name for p in (out / 'train').iterdir()) == ['a', 'b']
+    assert sorted(p.name for p in (out / 'train' / 'a').iterdir()) == ['0.png', '1.png', '2.png']
+    assert sorted(p.name for p in (out / 'validation' / 'b').iterdir()) == ['8.png', '9.png']  # the last rows

@@ -46,7 +46,7 @@ Training (done by the pretext trainer, not here): stage 1 trains ``autoencoder_p
 (E, D, to_rgb) with an MSE reconstruction loss; stage 2 freezes them (BN in eval mode) and trains only
 ``repair_parameters()`` adversarially against the discriminator.
 
-Paper vs code choices made here (see the project spec):
+Paper vs code choices made here (docs/method.md lists them all):
 
 * leaky ReLU slope 0.1 (paper ``max(x/10, x)``; the code uses ``tf.nn.leaky_relu``'s 0.2): ``leak``;
 * the pre-activation is skipped in the FIRST repair block only (paper Fig. 5; the demo code passes
