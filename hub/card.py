@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from ._files import public_data_source
+
 __all__ = ['normalize_results', 'render_card', 'split_front_matter', 'PAPER_RESULTS']
 
 _MODELS = ('alexnet_spot', 'alexnet_spot_discriminator', 'damage_repair_generator')
@@ -115,7 +117,13 @@ def _layer_value(v: Any) -> Optional[float]:
 
 
 def _dataset_fields(item: Dict[str, Any], meta: Dict[str, Any]) -> Dict[str, str]:
+    """Dataset name/type/split of an evaluation; local paths as ``public_data_source`` names them (no machine
+    paths in a published card)."""
     ds = item.get('dataset', meta.get('dataset', meta.get('source')))
+    if isinstance(ds, dict):
+        ds = {k: public_data_source(v) if isinstance(v, str) else v for k, v in ds.items()}
+    elif isinstance(ds, str):
+        ds = public_data_source(ds)
     if isinstance(ds, dict):
         name = ds.get('name') or ds.get('type') or 'unspecified'
         out = {'name': str(name), 'type': str(ds.get('type') or name)}
@@ -151,7 +159,7 @@ def _normalize_eval(item: Any) -> Dict[str, Any]:
     notes = {}
     for key in ('img_size', 'n_train', 'n_val', 'num_classes', 'weights', 'seconds_total'):
         if meta.get(key) is not None:
-            notes[key] = meta[key]
+            notes[key] = os.path.basename(str(meta[key])) if key == 'weights' else meta[key]
     cfg = meta.get('config') or {}
     if isinstance(cfg, dict) and cfg.get('epochs') is not None:
         notes['probe_epochs'] = cfg['epochs']

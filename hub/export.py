@@ -43,12 +43,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import safetensors.torch
 import torch
 
-from ._files import PathLike, canonicalize_safetensors, describe_files, read_safetensors_header, sha256_file
+from ._files import (PathLike, canonicalize_safetensors, describe_files, public_data_source, read_safetensors_header,
+                     sha256_file)
 from .card import normalize_results, render_card
 
 __all__ = [
     'MODEL_NAMES', 'EXPORT_FILES', 'RunInfo', 'ExportResult', 'load_run', 'export_model', 'export_run',
-    'registry_report', 'canonical_config_hash',
+    'registry_report', 'canonical_config_hash', 'public_data_source',
 ]
 
 MODEL_NAMES = ('alexnet_spot', 'alexnet_spot_discriminator', 'damage_repair_generator')
@@ -71,30 +72,6 @@ _NOT_MODEL_ARGS = {'pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'ch
 _IMG_SIZE_KEYS = ('img_size', 'image_size', 'input_size', 'crop_size', 'resolution')
 _DATA_KEYS = ('train_source', 'data_source', 'source', 'dataset', 'data', 'train_data', 'train_dataset')
 _RUN_NAME_KEYS = ('run_name', 'experiment', 'name')
-
-
-def public_data_source(source: Optional[str]) -> Optional[str]:
-    """A data source as published files name it: no machine paths.
-
-    Hub dataset ids and ``builtin`` stay as they are; a local path under ``$TIMM_SPOT_DATA`` becomes
-    ``$TIMM_SPOT_DATA/<relative path>``; any other local path ``local:<parent folder>/<file name>``.
-    """
-    if not source or not isinstance(source, str):
-        return source
-    is_path = source.startswith(('.', '/', '~', '$')) or os.path.exists(source) or \
-        source.endswith(('.parquet', '.arrow', '.csv', '.json', '.jsonl')) or source.count('/') > 1
-    if not is_path:
-        return source
-    root = os.environ.get('TIMM_SPOT_DATA')
-    path = Path(os.path.expanduser(source))
-    if root:
-        try:
-            return '$TIMM_SPOT_DATA/' + path.resolve().relative_to(Path(root).resolve()).as_posix()
-        except ValueError:
-            pass
-    if source.startswith('$TIMM_SPOT_DATA/'):
-        return source
-    return 'local:' + '/'.join(path.parts[-2:])
 
 
 def looks_like_imagenet_1k(source: Optional[str]) -> bool:

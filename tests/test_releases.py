@@ -181,3 +181,29 @@ def test_model_without_release_is_a_clear_error_not_random_weights():
         pytest.skip('every model has a release')
     with pytest.raises(RuntimeError, match=r'(?s)has no pretrained weights.*pretrained_cfg_overlay=dict\(file='):
         timm.create_model(unreleased[0], pretrained=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# no workspace in the product
+# ----------------------------------------------------------------------------------------------------------------
+
+WORKSPACE_MARKERS = ('../shared', 'shared/data', 'shared/timm-scripts', 'spec.md', '/work/', '/tmp/pytest')
+
+
+def test_product_names_no_workspace_path():
+    """The package, hub/ (cards, configs, safetensors headers), README.md and MODEL_CARD.md name no machine paths
+    and no notes outside the repository."""
+    files = [REPO / 'README.md', REPO / 'MODEL_CARD.md']
+    for top in ('timm_spot', 'hub'):
+        files += [p for p in (REPO / top).rglob('*') if p.is_file() and '__pycache__' not in p.parts]
+    found = []
+    for p in files:
+        if p.suffix == '.safetensors':
+            with open(p, 'rb') as f:
+                text = f.read(int.from_bytes(f.read(8), 'little')).decode('utf-8', 'replace')
+        elif p.suffix in ('.py', '.md', '.json', '.yaml', '.yml', '.txt', ''):
+            text = p.read_text(encoding='utf-8', errors='replace')
+        else:
+            continue
+        found += [f'{p.relative_to(REPO)}: {m}' for m in WORKSPACE_MARKERS if m in text]
+    assert not found, found
