@@ -578,7 +578,7 @@ def test_publish_dry_run_lists_files_without_network(monkeypatch, exported, caps
         data = (folder / name).read_bytes()
         line = next(l for l in out.splitlines() if l.strip().startswith(name))
         assert f'{len(data):,d} B' in line and hashlib.sha256(data).hexdigest() in line
-    assert f"_cfg(hf_hub_id='timm-spot/alexnet_spot.{TAG}@<commit sha>')" in out
+    assert f"Release('alexnet_spot', '{TAG}', <img_size>, published=True, revision='<commit sha>')" in out
 
 
 @pytest.mark.parametrize('revision', ['main', 'dev'])
@@ -595,7 +595,7 @@ def test_publish_uploads_and_prints_revision_to_pin(exported, capsys, revision):
     assert summary['commit'] == FakeApi.oid
     out = capsys.readouterr().out
     assert f'revision to pin: {FakeApi.oid}' in out
-    assert f"'alexnet_spot.{TAG}': _cfg(hf_hub_id='timm-spot/alexnet_spot.{TAG}@{FakeApi.oid}')," in out
+    assert f"Release('alexnet_spot', '{TAG}', <img_size>, published=True, revision='{FakeApi.oid}')," in out
     assert f"timm.create_model('hf-hub:timm-spot/alexnet_spot.{TAG}@{FakeApi.oid}', pretrained=True)" in out
 
 
