@@ -31,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--tag', default=None,
                    help='release tag, e.g. spot_c10_64_v2: writes <out>/<model>.<tag>/ for repo timm-spot/<model>.<tag> '
                         "(default: each model's default release in timm_spot/models/_releases.py)")
-    e.add_argument('--pretext-dtype', choices=('bfloat16', 'float32'), default='bfloat16',
-                   help='storage of the discriminator and generator (default bfloat16, checked against float32 '
-                        'outputs; the backbone is always float32)')
+    e.add_argument('--pretext-dtype', choices=('auto', 'bfloat16', 'float32'), default='auto',
+                   help='storage of the discriminator and generator: auto (default) = bfloat16 where the outputs '
+                        'stay within hub.export.BF16_TOLERANCE of float32, else float32; the backbone is always '
+                        'float32')
     e.add_argument('--no-verify', dest='verify', action='store_false',
                    help='skip loading each folder back through timm (local-dir:) after writing')
 

@@ -357,12 +357,13 @@ def export_model(
         verify: bool = True,
         log: Optional[Callable[[str], None]] = print,
         tag: Optional[str] = None,
-        pretext_dtype: str = 'bfloat16',
+        pretext_dtype: str = 'auto',
 ) -> ExportResult:
     """Export one model of ``run`` to ``<out_dir>/<name>.<tag>/`` (see the module docstring).
 
     ``tag``: the release tag (default: the model's default release); ``pretext_dtype``: storage of the
-    discriminator and generator, ``'bfloat16'`` (checked against :data:`BF16_TOLERANCE`) or ``'float32'``.
+    discriminator and generator: ``'auto'`` (bfloat16 where its outputs stay within :data:`BF16_TOLERANCE` of
+    float32, else float32 with a warning), ``'bfloat16'`` (an error beyond the tolerance) or ``'float32'``.
     """
     import timm
     from timm.models._hub import save_config_for_hf
@@ -374,8 +375,8 @@ def export_model(
     src = run.weights_file(name)
     if not src.is_file():
         raise FileNotFoundError(f'{name}: no weights in the run ({src} missing)')
-    if pretext_dtype not in ('bfloat16', 'float32'):
-        raise ValueError(f"pretext_dtype must be 'bfloat16' or 'float32', got {pretext_dtype!r}")
+    if pretext_dtype not in ('auto', 'bfloat16', 'float32'):
+        raise ValueError(f"pretext_dtype must be 'auto', 'bfloat16' or 'float32', got {pretext_dtype!r}")
     warns: List[str] = []
 
     args = dict(run.model_args.get(name, {}))
@@ -402,17 +403,22 @@ def export_model(
     model.eval()
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
     storage: Dict[str, Any] = {'dtype': 'float32'}
-    if name in PRETEXT_MODELS and pretext_dtype == 'bfloat16':
-        tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
+    if name in PRETEXT_MODELS and pretext_dtype != 'float32':
+        low = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
         size = img_size or model.pretrained_cfg.get('input_size', (3, 128, 128))[-1]
-        diffs = storage_check(name, model, tensors, size)
-        storage = {'dtype': 'bfloat16', 'max_abs_diff': {k: round(v, 6) for k, v in diffs.items()},
-                   'tolerance': BF16_TOLERANCE[name], 'check': f'4 seeded images in [-1, 1] at {size} px'}
+        diffs = storage_check(name, model, low, size)
         worst = max(diffs.values())
-        if worst > BF16_TOLERANCE[name]:
+        if worst <= BF16_TOLERANCE[name]:
+            tensors = low
+            storage = {'dtype': 'bfloat16', 'max_abs_diff': {k: round(v, 6) for k, v in diffs.items()},
+                       'tolerance': BF16_TOLERANCE[name], 'check': f'4 seeded images in [-1, 1] at {size} px'}
+        elif pretext_dtype == 'bfloat16':
             raise RuntimeError(
                 f'{name}: bfloat16 storage changes the outputs by {worst:.4f} > {BF16_TOLERANCE[name]} ({diffs}); '
-                f'export with --pretext-dtype float32')
+                f'export with --pretext-dtype auto or float32')
+        else:
+            warns.append(f'bfloat16 storage would change the outputs by {worst:.4f} > {BF16_TOLERANCE[name]}: '
+                         f'stored in float32')
 
     from timm_spot.models._releases import repo_id as _repo_id
     repo_id = _repo_id(name, tag)
@@ -534,7 +540,7 @@ def export_run(
         verify: bool = True,
         log: Optional[Callable[[str], None]] = print,
         tag: Optional[str] = None,
-        pretext_dtype: str = 'bfloat16',
+        pretext_dtype: str = 'auto',
 ) -> List[ExportResult]:
     """Export the models of a run (default: every model with a ``<name>.safetensors`` in it) as release ``tag``
     (default: each model's default release) to ``<out_dir>/<name>.<tag>/``."""

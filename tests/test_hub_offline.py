@@ -445,6 +445,19 @@ def test_export_folder_config_metadata_and_card(exported):
     assert '**Storage:** bfloat16' in body
 
 
+def test_pretext_storage_falls_back_to_float32_beyond_the_tolerance(tmp_path, monkeypatch):
+    import hub.export as export_mod
+    name = 'damage_repair_generator'
+    run = make_run(tmp_path / 'run', RUN_ARGS, models=(name,))
+    monkeypatch.setitem(export_mod.BF16_TOLERANCE, name, 1e-9)  # no bfloat16 copy can be this close
+    with pytest.raises(RuntimeError, match='--pretext-dtype auto or float32'):
+        export_run(run, tmp_path / 'hub', log=None, tag=TAG, verify=False, pretext_dtype='bfloat16')
+    (result,) = export_run(run, tmp_path / 'hub', log=None, tag=TAG, verify=False)  # default: auto
+    assert result.metadata['storage_dtype'] == 'float32' and any('stored in float32' in w for w in result.warnings)
+    with safetensors.safe_open(str(result.folder / 'model.safetensors'), 'pt') as f:
+        assert 'BF16' not in {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
 def test_export_records_data_paths_without_machine_paths(tmp_path, monkeypatch):
     config = CONFIG_YAML.replace('data: ILSVRC/imagenet-1k', 'data: ../../somewhere/data/cifar10/train.parquet')
     run = make_run(tmp_path / 'run', {}, models=('alexnet_spot',), config=config)

@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 HUB = REPO / 'hub'
 OUR_MODELS = ('alexnet_spot', 'alexnet_spot_discriminator', 'damage_repair_generator')
 PRETRAINED = timm.list_models(list(OUR_MODELS), pretrained=True)
-# what one release adds to git: well under 100 MB (pretext models in bfloat16)
-RELEASE_BUDGET_MB = 80
+# what one release adds to git: well under 100 MB (64-px release: about 65 MB with both pretext models in
+# bfloat16, 82 MB if the generator has to stay float32)
+RELEASE_BUDGET_MB = 85
 
 
 def _load_folder(folder: Path) -> dict:
