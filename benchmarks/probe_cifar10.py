@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Layerwise linear probes of ``alexnet_spot`` on CIFAR-10 (paper Table 4 shape: rows = models, cols = conv1..5).
 
-Data: ``../shared/data/cifar10/train.parquet`` (50,000 images, 32x32). The last ``--val-per-class`` images of each
+Data: ``$TIMM_SPOT_DATA/cifar10/train.parquet`` (default ``TIMM_SPOT_DATA=<repo>/../shared/data``; 50,000 images,
+32x32). The last ``--val-per-class`` images of each
 class (default 500, 5,000 in all) are the validation part and are never trained on; the probes train on the first
 ``--train-per-class`` images of each class among the rest (default 1,000, 10,000 in all). Images are upsampled to
 ``--img-size`` (default 64 px: conv5 is a 4x4 grid there), normalised as alexnet_spot's pretrained cfg says, passed
@@ -30,7 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-DEFAULT_DATA = os.path.join(REPO, '..', 'shared', 'data', 'cifar10', 'train.parquet')
+DATA_ROOT = os.environ.get('TIMM_SPOT_DATA') or os.path.join(REPO, '..', 'shared', 'data')
+DEFAULT_DATA = os.path.join(DATA_ROOT, 'cifar10', 'train.parquet')
 
 # paper Table 4 (ImageNet, 1000 classes, 224 px): for the table's shape only, not comparable to CIFAR-10 numbers
 PAPER_TABLE4 = {

@@ -3,16 +3,29 @@ offline Hugging Face cache from them.
 
 Command line (from the repository root)::
 
-    python -m hub export RUN_DIR --out hub/ [--models alexnet_spot,...] [--results results.json]
-    python -m hub publish hub/alexnet_spot --repo-id timm-spot/alexnet_spot.spot_in1k [--dry-run] [--revision main]
-    python -m hub cache hub/alexnet_spot --repo-id timm-spot/alexnet_spot.spot_in1k [--cache-dir DIR] [--commit SHA]
+    python -m hub export RUN_DIR --tag TAG [--models alexnet_spot,...] [--results results.json]
+    python -m hub publish hub/<model>.<tag> --repo-id timm-spot/<model>.<tag> [--dry-run] [--revision main]
+    python -m hub cache --all --cache-dir DIR          # every shipped release, for HF_HUB_OFFLINE=1
+    python -m hub cache hub/<model>.<tag> [--repo-id ID] [--cache-dir DIR] [--commit SHA]
 
-Exported folders live in ``hub/<model_name>/`` and hold exactly the files of the Hub repo.
+Release folders live in ``hub/<model>.<tag>/``, named like their Hub repo ``timm-spot/<model>.<tag>``, and hold
+exactly the files of that repo. ``timm_spot/models/_releases.py`` lists them (one row per released model and tag;
+the first row of a model is its default tag); ``tests/test_releases.py`` checks that the table and the folders
+agree, so every tag timm lists as pretrained has weights in the repository.
+
+Adding a release (e.g. all three models of a run as ``spot_c10_64_v2``)::
+
+    # 1. rows in timm_spot/models/_releases.py, newest first (they become the default tags):
+    #      Release('alexnet_spot', 'spot_c10_64_v2', 64), Release('alexnet_spot_discriminator', ...), ...
+    # 2. the folders (backbone float32; discriminator and generator bfloat16, output-checked):
+    python -m hub export runs/<run> --tag spot_c10_64_v2 --results results.json --dataset uoft-cs/cifar10
+    # 3. the check, then commit the rows and the folders together:
+    python -m pytest tests/test_releases.py
 """
-from .cache import build_offline_cache, offline_env, repo_cache_folder, verify_offline_cache
+from .cache import build_offline_cache, offline_env, repo_cache_folder, shipped_releases, verify_offline_cache
 
 __all__ = [
-    'build_offline_cache', 'verify_offline_cache', 'repo_cache_folder', 'offline_env',
+    'build_offline_cache', 'verify_offline_cache', 'repo_cache_folder', 'offline_env', 'shipped_releases',
     'export_run', 'export_model', 'load_run', 'publish_folder', 'check_folder',
 ]
 

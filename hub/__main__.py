@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+HUB_DIR = Path(__file__).resolve().parent  # the shipped release folders hub/<model>.<tag>/
+
 
 def _models(value: str) -> List[str]:
     return [v.strip() for v in value.split(',') if v.strip()]
@@ -14,9 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m hub', description=__doc__)
     sub = p.add_subparsers(dest='command', required=True)
 
-    e = sub.add_parser('export', help='export a pretraining run as Hub model folders <out>/<model_name>/')
+    e = sub.add_parser('export', help='export a pretraining run as Hub model folders <out>/<model_name>.<tag>/')
     e.add_argument('run_dir', type=Path, help='run directory of train_scripts/pretrain.py')
-    e.add_argument('--out', type=Path, default=Path('hub'), help='parent folder of the model folders (default hub/)')
+    e.add_argument('--out', type=Path, default=HUB_DIR, help='parent folder of the model folders (default: hub/)')
     e.add_argument('--models', type=_models, default=None,
                    help='comma-separated model names (default: every <name>.safetensors in the run)')
     e.add_argument('--results', type=Path, default=None,
@@ -27,33 +29,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help='Hub dataset id for the card front matter (repeatable; default from config.yaml)')
     e.add_argument('--force', action='store_true', help='replace output folders holding foreign files')
     e.add_argument('--tag', default=None,
-                   help="pretrained tag to export as, e.g. spot_c10_64 (default: the model's default tag)")
+                   help='release tag, e.g. spot_c10_64_v2: writes <out>/<model>.<tag>/ for repo timm-spot/<model>.<tag> '
+                        "(default: each model's default release in timm_spot/models/_releases.py)")
+    e.add_argument('--pretext-dtype', choices=('auto', 'bfloat16', 'float32'), default='auto',
+                   help='storage of the discriminator and generator: auto (default) = bfloat16 where the outputs '
+                        'stay within hub.export.BF16_TOLERANCE of float32, else float32; the backbone is always '
+                        'float32')
     e.add_argument('--no-verify', dest='verify', action='store_false',
                    help='skip loading each folder back through timm (local-dir:) after writing')
 
     u = sub.add_parser('publish', help='upload an exported folder (HF_TOKEN) and print the revision to pin')
-    u.add_argument('folder', type=Path)
+    u.add_argument('folder', type=Path, help='an exported folder, e.g. hub/alexnet_spot.spot_c10_64')
     u.add_argument('--repo-id', required=True, help='owner/name, e.g. timm-spot/alexnet_spot.spot_in1k')
     u.add_argument('--revision', default='main', help='branch to commit to (created if missing)')
     u.add_argument('--dry-run', action='store_true', help='list files, sizes and sha256; no network')
     u.add_argument('--private', action='store_true', help='create the repo private')
     u.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing')
-    u.add_argument('--commit-message', default=None)
+    u.add_argument('--commit-message', default=None, help='default: Upload <architecture> (<training run>)')
     u.add_argument('--force', action='store_true', help='publish despite warnings (see publish --help text)')
     u.add_argument('--json', dest='json_out', type=Path, default=None, help='also write the summary as JSON')
 
-    c = sub.add_parser('cache', help='put an exported folder into a Hugging Face cache for offline loading')
-    c.add_argument('folder', type=Path)
-    c.add_argument('--repo-id', required=True)
+    c = sub.add_parser('cache', help='put exported folders into a Hugging Face cache for offline loading')
+    c.add_argument('folder', type=Path, nargs='?', default=None,
+                   help='an exported folder, e.g. hub/alexnet_spot.spot_c10_64 (or --all)')
+    c.add_argument('--all', dest='all_folders', action='store_true',
+                   help='every shipped release folder hub/<model>.<tag>/, each as repo timm-spot/<model>.<tag>')
+    c.add_argument('--repo-id', default=None,
+                   help="repo id the folder stands for (default: timm-spot/<folder name>, e.g. "
+                        "timm-spot/alexnet_spot.spot_c10_64)")
     c.add_argument('--cache-dir', type=Path, default=None, help='hub cache root (default: HF_HUB_CACHE)')
-    c.add_argument('--commit', default=None, help='40-hex commit sha of the published repo (default: synthetic)')
+    c.add_argument('--commit', default=None,
+                   help="40-hex commit sha of the published repo (default: the release table's pinned revision, "
+                        'else a synthetic hash of the files)')
     c.add_argument('--ref', default='main', help="branch the snapshot is recorded under ('' for none)")
     c.add_argument('--copy', action='store_true', help='copy files into snapshots instead of symlinking')
 
     v = sub.add_parser('verify-cache', help='re-hash a cached repo snapshot (huggingface_hub does not)')
-    v.add_argument('--repo-id', required=True)
-    v.add_argument('--cache-dir', type=Path, default=None)
-    v.add_argument('--revision', default='main')
+    v.add_argument('--repo-id', required=True, help='e.g. timm-spot/alexnet_spot.spot_c10_64')
+    v.add_argument('--cache-dir', type=Path, default=None, help='hub cache root (default: HF_HUB_CACHE)')
+    v.add_argument('--revision', default='main', help='branch, tag or commit to check (default main)')
     return p
 
 
@@ -65,7 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.results is not None:
             results = json.loads(args.results.read_text(encoding='utf-8'))
         export_run(args.run_dir, args.out, models=args.models, results=results, img_size=args.img_size,
-                   datasets=args.dataset, force=args.force, verify=args.verify, tag=args.tag)
+                   datasets=args.dataset, force=args.force, verify=args.verify, tag=args.tag,
+                   pretext_dtype=args.pretext_dtype)
         return 0
     if args.command == 'publish':
         from .publish import publish_folder
@@ -77,11 +92,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command == 'cache':
         from huggingface_hub import constants
-        from .cache import build_offline_cache, offline_env, repo_cache_folder
+        from .cache import build_offline_cache, offline_env, repo_cache_folder, shipped_releases
         cache_dir = args.cache_dir or Path(constants.HF_HUB_CACHE)
-        build_offline_cache(args.folder, args.repo_id, cache_dir, commit=args.commit, ref=args.ref or None,
-                            link='copy' if args.copy else 'symlink')
-        print(f'cached {args.folder} as {args.repo_id} in {repo_cache_folder(cache_dir, args.repo_id)}')
+        if args.all_folders == (args.folder is not None):
+            raise ValueError('give either a folder or --all')
+        if args.all_folders:
+            if args.repo_id or args.commit:
+                raise ValueError('--all takes each repo id and pinned revision from the release table')
+            jobs = shipped_releases()
+            if not jobs:
+                raise FileNotFoundError(f'no release folders (<model>.<tag>/ with config.json) in {HUB_DIR}')
+        else:
+            jobs = [(args.folder, args.repo_id or f'timm-spot/{args.folder.resolve().name}', args.commit)]
+        for folder, repo_id, commit in jobs:
+            build_offline_cache(folder, repo_id, cache_dir, commit=commit, ref=args.ref or None,
+                                link='copy' if args.copy else 'symlink')
+            print(f'cached {folder} as {repo_id} in {repo_cache_folder(cache_dir, repo_id)}')
         print('load offline with: ' + ' '.join(f'{k}={v}' for k, v in offline_env(cache_dir).items()))
         return 0
     if args.command == 'verify-cache':

@@ -6,7 +6,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -131,3 +131,27 @@ def canonicalize_safetensors(path: PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def public_data_source(source: Optional[str]) -> Optional[str]:
+    """A data source as published files name it: no machine paths.
+
+    Hub dataset ids and ``builtin`` stay as they are; a local path under ``$TIMM_SPOT_DATA`` becomes
+    ``$TIMM_SPOT_DATA/<relative path>``; any other local path ``local:<parent folder>/<file name>``.
+    """
+    if not source or not isinstance(source, str):
+        return source
+    is_path = source.startswith(('.', '/', '~', '$')) or os.path.exists(source) or \
+        source.endswith(('.parquet', '.arrow', '.csv', '.json', '.jsonl')) or source.count('/') > 1
+    if not is_path:
+        return source
+    root = os.environ.get('TIMM_SPOT_DATA')
+    path = Path(os.path.expanduser(source))
+    if root:
+        try:
+            return '$TIMM_SPOT_DATA/' + path.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    if source.startswith('$TIMM_SPOT_DATA/'):
+        return source
+    return 'local:' + '/'.join(path.parts[-2:])

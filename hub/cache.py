@@ -9,10 +9,11 @@ its cache without any network once ``HF_HUB_OFFLINE=1`` is set. The layout it re
         refs/<branch>                                               the commit hash, no trailing newline
 
 ``build_offline_cache`` writes exactly that for one exported folder, so an offline cluster can use the weights
-before (or instead of) publishing them, or with a copy of the published files::
+before (or instead of) publishing them, or with a copy of the published files. ``--all`` caches every shipped
+release folder ``hub/<model>.<tag>/`` as repo ``timm-spot/<model>.<tag>``::
 
-    python -m hub cache hub/alexnet_spot --repo-id timm-spot/alexnet_spot.spot_in1k --cache-dir /shared/hf/hub
-    HF_HUB_CACHE=/shared/hf/hub HF_HUB_OFFLINE=1 python -c \
+    python -m hub cache --all --cache-dir ~/hf-offline/hub
+    HF_HUB_CACHE=~/hf-offline/hub HF_HUB_OFFLINE=1 python -c \
         "import timm, timm_spot; timm.create_model('alexnet_spot', pretrained=True)"
 
 When the commit of the published repo is known (``python -m hub publish`` prints it), pass it as ``commit`` so that
@@ -28,7 +29,10 @@ from typing import List, Optional
 
 from ._files import PathLike, blob_id, git_blob_sha1, list_repo_files, sha256_file
 
-__all__ = ['build_offline_cache', 'verify_offline_cache', 'repo_cache_folder', 'offline_env']
+__all__ = ['build_offline_cache', 'verify_offline_cache', 'repo_cache_folder', 'offline_env', 'shipped_releases',
+           'HUB_DIR']
+
+HUB_DIR = Path(__file__).resolve().parent
 
 _COMMIT_RE = re.compile(r'^[0-9a-f]{40}$')
 _REPO_ID_RE = re.compile(r'^[A-Za-z0-9][\w.\-]*/[\w.\-]+$')
@@ -88,7 +92,7 @@ def build_offline_cache(
 
     Args:
         export_dir: an exported model folder (``python -m hub export``): config.json, model.safetensors, README.md...
-        repo_id: the Hub repo id the files stand for, e.g. ``timm-spot/alexnet_spot.spot_in1k``.
+        repo_id: the Hub repo id the files stand for, e.g. ``timm-spot/alexnet_spot.spot_c10_64``.
         cache_dir: the hub cache root (what ``HF_HUB_CACHE`` points at; default ``~/.cache/huggingface/hub``).
         commit: 40-hex commit hash of the snapshot (the published commit, so pinned ids resolve); default: a
             synthetic hash of the files.
@@ -175,6 +179,25 @@ def verify_offline_cache(cache_dir: PathLike, repo_id: str, revision: str = 'mai
     if not (snapshot / 'config.json').exists():
         problems.append(f'{repo_id}@{revision}: no config.json')
     return problems
+
+
+def shipped_releases(hub_dir: PathLike = HUB_DIR) -> List[tuple]:
+    """(folder, repo id, pinned commit or None) of every release folder ``<model>.<tag>/`` in ``hub_dir``.
+
+    A release folder is named like its Hub repo and holds a config.json; the repo id is ``timm-spot/<folder>`` and
+    the commit is the revision pinned in timm_spot's release table (None until published and pinned).
+    """
+    try:
+        from timm_spot.models._releases import HUB_OWNER, RELEASES
+        pinned = {r.name: r.revision for r in RELEASES}
+    except ImportError:  # hub/ used without the package: no pins
+        HUB_OWNER, pinned = 'timm-spot', {}
+    out = []
+    for folder in sorted(Path(hub_dir).iterdir()):
+        if folder.is_dir() and '.' in folder.name and not folder.name.startswith('.') and \
+                (folder / 'config.json').is_file():
+            out.append((folder, f'{HUB_OWNER}/{folder.name}', pinned.get(folder.name)))
+    return out
 
 
 def offline_env(cache_dir: PathLike) -> dict:

@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from ._files import public_data_source
+
 __all__ = ['normalize_results', 'render_card', 'split_front_matter', 'PAPER_RESULTS']
 
 _MODELS = ('alexnet_spot', 'alexnet_spot_discriminator', 'damage_repair_generator')
@@ -115,7 +117,13 @@ def _layer_value(v: Any) -> Optional[float]:
 
 
 def _dataset_fields(item: Dict[str, Any], meta: Dict[str, Any]) -> Dict[str, str]:
+    """Dataset name/type/split of an evaluation; local paths as ``public_data_source`` names them (no machine
+    paths in a published card)."""
     ds = item.get('dataset', meta.get('dataset', meta.get('source')))
+    if isinstance(ds, dict):
+        ds = {k: public_data_source(v) if isinstance(v, str) else v for k, v in ds.items()}
+    elif isinstance(ds, str):
+        ds = public_data_source(ds)
     if isinstance(ds, dict):
         name = ds.get('name') or ds.get('type') or 'unspecified'
         out = {'name': str(name), 'type': str(ds.get('type') or name)}
@@ -151,7 +159,7 @@ def _normalize_eval(item: Any) -> Dict[str, Any]:
     notes = {}
     for key in ('img_size', 'n_train', 'n_val', 'num_classes', 'weights', 'seconds_total'):
         if meta.get(key) is not None:
-            notes[key] = meta[key]
+            notes[key] = os.path.basename(str(meta[key])) if key == 'weights' else meta[key]
     cfg = meta.get('config') or {}
     if isinstance(cfg, dict) and cfg.get('epochs') is not None:
         notes['probe_epochs'] = cfg['epochs']
@@ -238,6 +246,7 @@ def render_card(
         warnings: Sequence[str] = (),
         has_training_config: bool = False,
         git_revision: Optional[str] = None,
+        storage: Optional[Dict[str, Any]] = None,
 ) -> str:
     """The README.md of one exported model folder."""
     info = _MODEL_INFO[name]
@@ -300,8 +309,16 @@ def render_card(
         f'timm-spot, not the authors\' weights)',
         f'- **Pretraining data:** {data_source or "not recorded"}',
         f'- **Constructor arguments (`model_args` in config.json):** `{json.dumps(config.get("model_args", {}))}`',
-        '', info['io'], '',
     ]
+    if storage and storage.get('dtype') == 'bfloat16':
+        diffs = ', '.join(f'{k} {v:.4f}' for k, v in storage.get('max_abs_diff', {}).items())
+        lines.append(
+            f'- **Storage:** bfloat16 (half the size; timm upcasts into float32 parameters on load). Largest output '
+            f'difference against the float32 weights ({storage.get("check", "fixed inputs")}): {diffs} '
+            f'(export tolerance {storage.get("tolerance")}).')
+    elif storage:
+        lines.append(f'- **Storage:** {storage.get("dtype", "float32")}, bit-exact with the trained weights.')
+    lines += ['', info['io'], '']
 
     lines += ['## Usage', '', '```python', 'import timm', 'import torch',
               'import timm_spot  # registers the timm-spot models with timm (pip install timm-spot)', '']
@@ -321,8 +338,10 @@ def render_card(
               f"`timm.create_model('hf-hub:{repo_id}@<commit>', pretrained=True)`; a default cfg can carry the "
               f"same `hf_hub_id='{repo_id}@<commit>'`.", '',
               'Offline: download once (`hf download ' + repo_id + '`), copy the Hugging Face cache to the offline '
-              'machine and set `HF_HUB_OFFLINE=1`; or build the cache from an exported folder with timm-spot\'s '
-              f'`python -m hub cache <folder> --repo-id {repo_id} --cache-dir $HF_HUB_CACHE`.', '']
+              'machine and set `HF_HUB_OFFLINE=1`. From a timm-spot checkout, whose `hub/` folder ships the released '
+              f"weights: `timm.create_model('local-dir:hub/{model_id}', pretrained=True)`, or seed a cache with "
+              'every shipped release: `python -m hub cache --all --cache-dir DIR`, then `HF_HUB_CACHE=DIR '
+              'HF_HUB_OFFLINE=1`.', '']
     if not registry_ok:
         lines += [f"`timm.create_model('{model_id}', pretrained=True)` does NOT load these weights: the registered "
                   'defaults build other tensor shapes (' + '; '.join(registry.get('shape_mismatches', [])[:3]) +

@@ -7,17 +7,22 @@ Input: a run directory written by ``train_scripts/pretrain.py``::
     config.yaml       the resolved training config (hashed into the metadata, shipped as training_config.yaml)
     metrics.jsonl     one JSON object per log step (summarised in the model card)
 
-Output, per model, ``<out>/<model_name>/`` holding exactly what the Hub repo should hold:
+Output, per model, ``<out>/<model_name>.<tag>/`` (named like its Hub repo ``timm-spot/<model_name>.<tag>``)
+holding exactly what the Hub repo should hold:
 
 * ``model.safetensors``: the state dict as the registered timm model has it (strictly loaded into
   ``timm.create_model(name, **model_args)`` first), with safetensors metadata ``format=pt``, ``architecture``,
   ``model_args``, ``training_run``, ``training_config_sha256``, ``timm_spot_version`` ...; byte-reproducible
-  (canonical header);
+  (canonical header). Storage: the backbone ``alexnet_spot`` in float32 (bit-exact); the pretext models
+  (discriminator, generator) in bfloat16 by default (``--pretext-dtype``), half the size in git: timm upcasts on
+  load (``copy_`` into float32 parameters) and the export checks their outputs against float32 on fixed inputs
+  (:data:`BF16_TOLERANCE`, recorded in the metadata and the card);
 * ``config.json``: written by timm's own ``save_config_for_hf`` (what ``save_for_hf`` / ``push_to_hf_hub``
   write): ``architecture``, ``num_classes``, ``num_features``, ``global_pool``, ``model_args`` and
   ``pretrained_cfg`` (mean/std/input size/crop of the model's registered cfg, source keys removed);
 * ``README.md``: the model card (Hub YAML front matter with ``model-index`` from ``--results``);
-* ``training_config.yaml``: the run's config.yaml, verbatim (when the run has one).
+* ``training_config.yaml``: the run's config.yaml (when the run has one), verbatim except that a local data path
+  is written as :func:`public_data_source` names it (no machine paths in published files).
 
 After writing, the folder is loaded back through timm (``timm.create_model('local-dir:<folder>',
 pretrained=True)``) and compared tensor by tensor, and compared with what ``timm.create_model(name,
@@ -38,15 +43,21 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import safetensors.torch
 import torch
 
-from ._files import PathLike, canonicalize_safetensors, describe_files, read_safetensors_header, sha256_file
+from ._files import (PathLike, canonicalize_safetensors, describe_files, public_data_source, read_safetensors_header,
+                     sha256_file)
 from .card import normalize_results, render_card
 
 __all__ = [
     'MODEL_NAMES', 'EXPORT_FILES', 'RunInfo', 'ExportResult', 'load_run', 'export_model', 'export_run',
-    'registry_report', 'canonical_config_hash',
+    'registry_report', 'canonical_config_hash', 'public_data_source',
 ]
 
 MODEL_NAMES = ('alexnet_spot', 'alexnet_spot_discriminator', 'damage_repair_generator')
+PRETEXT_MODELS = ('alexnet_spot_discriminator', 'damage_repair_generator')
+# bfloat16 storage of the pretext models: the largest output difference against float32 weights on fixed inputs
+# (seeded images in [-1, 1] at the release's size) that an export accepts. Discriminator: the real/corrupt and the
+# per-cell mask probabilities (sigmoid of the logits); generator: the autoencoded image in [-1, 1].
+BF16_TOLERANCE = {'alexnet_spot_discriminator': 0.02, 'damage_repair_generator': 0.05}
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
@@ -207,18 +218,23 @@ def _jsonable(v: Any) -> Any:
 
 
 def registry_report(name: str, model_args: Dict[str, Any], shapes: Dict[str, Sequence[int]],
-                    tag: Optional[str] = None) -> Dict[str, Any]:
+                    tag: Optional[str] = None, img_size: Optional[int] = None) -> Dict[str, Any]:
     """Compare exported weights and constructor args with what the registry builds for ``name``.
 
     ``timm.create_model(name, pretrained=True)`` builds the model from the registered defaults (it does not read
     config.json's ``model_args``), so it can load the weights only when every tensor shape matches
     (``loadable``), and reproduces the trained model only when no constructor argument differs
-    (``equivalent``). ``hf-hub:<repo>`` names read ``model_args`` and work either way.
+    (``equivalent``). ``hf-hub:<repo>`` names read ``model_args`` and work either way. A tag not in the release
+    table yet is compared with the cfg its row will give (``img_size``, default 128).
     """
     import timm
     from timm.models._input import get_model_args
     _import_models()
-    ref = timm.create_model(f'{name}.{tag}' if tag else name, device='meta')  # the tag's cfg may set args
+    if tag and not _is_registered(name, tag):
+        from timm_spot.models._releases import release_cfg
+        ref = timm.create_model(name, pretrained_cfg=release_cfg(name, tag, img_size or 128), device='meta')
+    else:
+        ref = timm.create_model(f'{name}.{tag}' if tag else name, device='meta')  # the tag's cfg may set args
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     shapes = {k: tuple(v) for k, v in shapes.items()}
     mismatches = sorted(
@@ -264,6 +280,60 @@ class ExportResult:
     warnings: List[str]
 
 
+def _is_registered(name: str, tag: str) -> bool:
+    import timm
+    _import_models()
+    return f'{name}.{tag}' in timm.list_models(name, include_tags=True)
+
+
+def _export_model_and_tag(name: str, tag: Optional[str], args: Dict[str, Any], img_size: Optional[int],
+                          warns: List[str]):
+    """The model to load the run's weights into, built from the tag's cfg, and the tag.
+
+    ``tag``: a registered release (timm_spot/models/_releases.py), or a new one not in the table yet (its cfg is
+    made as the table would make it, and a warning says to add the row); default: the model's default release.
+    """
+    import timm
+    from timm_spot.models._releases import find_release, release_cfg
+    if not tag:
+        rel = find_release(name, None)
+        if rel is None:
+            raise ValueError(f'{name} has no release yet: pass --tag TAG (e.g. spot_c10_64_v2) and add '
+                             f'Release({name!r}, TAG, IMG_SIZE) to timm_spot/models/_releases.py')
+        tag = rel.tag
+    if _is_registered(name, tag):
+        return timm.create_model(f'{name}.{tag}', **args), tag
+    size = img_size or 128
+    warns.append(f'{name}.{tag} is not in the release table yet: add Release({name!r}, {tag!r}, {size}) to '
+                 f'timm_spot/models/_releases.py (newest first) before committing this folder')
+    return timm.create_model(name, pretrained_cfg=release_cfg(name, tag, size), **args), tag
+
+
+def storage_check(name: str, model: torch.nn.Module, stored: Dict[str, torch.Tensor], img_size: int,
+                  seed: int = 0) -> Dict[str, float]:
+    """Largest output differences between ``model`` (float32) and the same model holding ``stored`` upcast.
+
+    Discriminator: ``p_real`` (sigmoid of the real/corrupt logit) and ``p_mask`` (per-cell mask probabilities);
+    generator: ``image`` (the autoencoded image, [-1, 1]). Four seeded images in [-1, 1] at ``img_size``.
+    """
+    import copy
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(4, 3, img_size, img_size, generator=g) * 2 - 1
+    low = copy.deepcopy(model).eval()
+    low.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in stored.items()})
+    model = model.eval()
+
+    def run(m):
+        if name == 'alexnet_spot_discriminator':
+            real, mask = m.forward_pretext(x)
+            return {'p_real': torch.sigmoid(real), 'p_mask': torch.sigmoid(mask)}
+        return {'image': m.autoencode(x)}
+
+    with torch.no_grad():
+        ref, got = run(model), run(low)
+    return {k: float((ref[k] - got[k]).abs().max()) for k in ref}
+
+
 def _check_out_folder(folder: Path, force: bool) -> None:
     if not folder.exists():
         return
@@ -287,8 +357,14 @@ def export_model(
         verify: bool = True,
         log: Optional[Callable[[str], None]] = print,
         tag: Optional[str] = None,
+        pretext_dtype: str = 'auto',
 ) -> ExportResult:
-    """Export one model of ``run`` to ``<out_dir>/<name>/`` (see the module docstring)."""
+    """Export one model of ``run`` to ``<out_dir>/<name>.<tag>/`` (see the module docstring).
+
+    ``tag``: the release tag (default: the model's default release); ``pretext_dtype``: storage of the
+    discriminator and generator: ``'auto'`` (bfloat16 where its outputs stay within :data:`BF16_TOLERANCE` of
+    float32, else float32 with a warning), ``'bfloat16'`` (an error beyond the tolerance) or ``'float32'``.
+    """
     import timm
     from timm.models._hub import save_config_for_hf
     _import_models()
@@ -299,8 +375,8 @@ def export_model(
     src = run.weights_file(name)
     if not src.is_file():
         raise FileNotFoundError(f'{name}: no weights in the run ({src} missing)')
-    folder = Path(out_dir) / name
-    _check_out_folder(folder, force)
+    if pretext_dtype not in ('auto', 'bfloat16', 'float32'):
+        raise ValueError(f"pretext_dtype must be 'auto', 'bfloat16' or 'float32', got {pretext_dtype!r}")
     warns: List[str] = []
 
     args = dict(run.model_args.get(name, {}))
@@ -311,7 +387,10 @@ def export_model(
         state = safetensors.torch.load_file(str(src), device='cpu')
     except Exception as e:
         raise RuntimeError(f'{name}: cannot read {src}: {type(e).__name__}: {e}') from e
-    model = timm.create_model(f'{name}.{tag}' if tag else name, **args)
+    img_size = img_size or run.img_size
+    model, tag = _export_model_and_tag(name, tag, args, img_size, warns)
+    folder = Path(out_dir) / f'{name}.{tag}'
+    _check_out_folder(folder, force)
     if name == 'alexnet_spot':  # accept a backbone saved with its pretext BatchNorm (folded here, exact)
         from timm_spot.models.alexnet_spot import checkpoint_filter_fn
         state = checkpoint_filter_fn(state, model)
@@ -323,12 +402,34 @@ def export_model(
             f'(model_args.json out of date?): {e}') from e
     model.eval()
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
+    storage: Dict[str, Any] = {'dtype': 'float32'}
+    if name in PRETEXT_MODELS and pretext_dtype != 'float32':
+        low = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
+        size = img_size or model.pretrained_cfg.get('input_size', (3, 128, 128))[-1]
+        diffs = storage_check(name, model, low, size)
+        worst = max(diffs.values())
+        if worst <= BF16_TOLERANCE[name]:
+            tensors = low
+            storage = {'dtype': 'bfloat16', 'max_abs_diff': {k: round(v, 6) for k, v in diffs.items()},
+                       'tolerance': BF16_TOLERANCE[name], 'check': f'4 seeded images in [-1, 1] at {size} px'}
+        elif pretext_dtype == 'bfloat16':
+            raise RuntimeError(
+                f'{name}: bfloat16 storage changes the outputs by {worst:.4f} > {BF16_TOLERANCE[name]} ({diffs}); '
+                f'export with --pretext-dtype auto or float32')
+        else:
+            warns.append(f'bfloat16 storage would change the outputs by {worst:.4f} > {BF16_TOLERANCE[name]}: '
+                         f'stored in float32')
 
-    default_cfg = model.pretrained_cfg
-    tag = default_cfg.get('tag') or 'spot_in1k'
-    repo_id = (default_cfg.get('hf_hub_id') or f'timm-spot/{name}.{tag}').split('@')[0]
-    img_size = img_size or run.img_size
-    data_source = run.data_source
+    from timm_spot.models._releases import repo_id as _repo_id
+    repo_id = _repo_id(name, tag)
+    data_source = public_data_source(run.data_source)
+    config_text, config_sha = None, run.config_sha256
+    if run.config_path is not None:
+        config_text = run.config_path.read_text(encoding='utf-8')
+        if run.data_source and data_source != run.data_source:  # the shipped copy names no machine path
+            import yaml
+            config_text = config_text.replace(str(run.data_source), str(data_source))
+            config_sha = canonical_config_hash(yaml.safe_load(config_text))
     if tag.endswith('in1k') and not looks_like_imagenet_1k(data_source):
         warns.append(f'training data of the run is {data_source or "not recorded in config.yaml"!s}: '
                      f'these are not ImageNet-1k weights, do not publish them as {repo_id}')
@@ -340,7 +441,7 @@ def export_model(
         'hf_hub_id': repo_id,
         'model_args': json.dumps(_jsonable(args), sort_keys=True),
         'training_run': run.run_name,
-        'training_config_sha256': run.config_sha256 or 'none',
+        'training_config_sha256': config_sha or 'none',
         'training_data': str(data_source) if data_source else 'unknown',
         'source_file_sha256': sha256_file(src),
         'timm_spot_version': timm_spot.__version__,
@@ -349,6 +450,9 @@ def export_model(
     }
     if img_size:
         metadata['img_size'] = str(img_size)
+    metadata['storage_dtype'] = storage['dtype']
+    if 'max_abs_diff' in storage:
+        metadata['storage_check'] = json.dumps(storage, sort_keys=True)
 
     stage = folder.parent / f'.{name}.export-tmp'
     if stage.exists():
@@ -360,10 +464,10 @@ def export_model(
         data_config = {'img_size': img_size} if img_size else None
         save_config_for_hf(model, str(stage / CONFIG_NAME), data_config=data_config)
         config = json.loads((stage / CONFIG_NAME).read_text())
-        if run.config_path is not None:
-            shutil.copyfile(run.config_path, stage / TRAINING_CONFIG_NAME)
+        if config_text is not None:
+            (stage / TRAINING_CONFIG_NAME).write_text(config_text, encoding='utf-8')
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        registry = registry_report(name, config.get('model_args', {}), shapes, tag=tag)
+        registry = registry_report(name, config.get('model_args', {}), shapes, tag=tag, img_size=img_size)
         if not registry['loadable']:
             warns.append(
                 f"timm.create_model({name + '.' + tag!r}, pretrained=True) cannot load these weights (registry defaults build "
@@ -379,6 +483,7 @@ def export_model(
             evaluations=evaluations, metrics=run.metrics, datasets=datasets, data_source=data_source,
             num_params=sum(int(t.numel()) for k, t in tensors.items() if not k.endswith('num_batches_tracked')),
             warnings=warns, has_training_config=run.config_path is not None, git_revision=_git_revision(),
+            storage=storage,
         )
         (stage / CARD_NAME).write_text(card, encoding='utf-8')
 
@@ -433,7 +538,9 @@ def verify_export(folder: PathLike, tensors: Optional[Dict[str, torch.Tensor]] =
     if set(loaded) != set(tensors):
         raise RuntimeError(f'{folder}: timm loads keys {sorted(set(loaded) ^ set(tensors))} differently')
     for k, v in tensors.items():
-        if loaded[k].dtype != v.dtype or not torch.equal(loaded[k], v):
+        # bfloat16 storage: timm copies into the float32 parameters, which is exact (every bf16 is a float32)
+        want = v.to(loaded[k].dtype) if (v.dtype, loaded[k].dtype) == (torch.bfloat16, torch.float32) else v
+        if loaded[k].dtype != want.dtype or not torch.equal(loaded[k], want):
             raise RuntimeError(f'{folder}: tensor {k} differs after loading through timm')
 
 
@@ -448,8 +555,10 @@ def export_run(
         verify: bool = True,
         log: Optional[Callable[[str], None]] = print,
         tag: Optional[str] = None,
+        pretext_dtype: str = 'auto',
 ) -> List[ExportResult]:
-    """Export the models of a run (default: every model with a ``<name>.safetensors`` in it)."""
+    """Export the models of a run (default: every model with a ``<name>.safetensors`` in it) as release ``tag``
+    (default: each model's default release) to ``<out_dir>/<name>.<tag>/``."""
     run = load_run(run_dir)
     names = list(models) if models else run.available_models()
     if not names:
@@ -461,4 +570,4 @@ def export_run(
         log(f'run {run.path} ({run.run_name}); config sha256 {run.config_sha256 or "none (no config.yaml)"}; '
             f'img_size {img_size or run.img_size or "registry default"}; python {platform.python_version()}')
     return [export_model(run, n, out_dir, results=results, img_size=img_size, datasets=datasets, force=force,
-                         verify=verify, log=log, tag=tag) for n in names]
+                         verify=verify, log=log, tag=tag, pretext_dtype=pretext_dtype) for n in names]

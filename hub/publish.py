@@ -10,9 +10,9 @@ Pinning (timm 1.0.31): ``timm.models._hub.hf_split`` splits a Hub id at ``@``, a
 (``load_state_dict_from_hf``, ``download_from_hf`` for config.json, ``load_custom_from_hf``), passing the part after
 ``@`` as ``revision=`` to ``hf_hub_download``. So a revision is pinned by writing it into the id:
 
-* in a model file's default cfg: ``_cfg(hf_hub_id='timm-spot/alexnet_spot.spot_in1k@<commit sha>')``
+* in the release table (timm_spot/models/_releases.py): ``Release(..., published=True, revision='<commit sha>')``
   (``_resolve_pretrained_source`` returns the id unchanged; there is no separate ``revision`` cfg field);
-* by name: ``timm.create_model('hf-hub:timm-spot/alexnet_spot.spot_in1k@<commit sha>', pretrained=True)``
+* by name: ``timm.create_model('hf-hub:timm-spot/alexnet_spot.spot_c10_64@<commit sha>', pretrained=True)``
   (config.json and weights both come from that commit: the id with ``@`` becomes the cfg's ``hf_hub_id``);
 * at run time without editing code: ``pretrained_cfg_overlay=dict(hf_hub_id='...@<sha>')``.
 
@@ -115,8 +115,8 @@ def pin_instructions(architecture: str, repo_id: str, commit: str, folder: Optio
     tag = tag or repo_id.split('/')[-1].split('.', 1)[-1]
     lines = [
         f'revision to pin: {commit}',
-        f'  default cfg ({MODEL_FILES.get(architecture, "the model file")}, in default_cfgs):',
-        f"    '{architecture}.{tag}': _cfg(hf_hub_id='{repo_id}@{commit}'),",
+        '  release table (timm_spot/models/_releases.py), the row of this release:',
+        f"    Release('{architecture}', '{tag}', <img_size>, published=True, revision='{commit}'),",
         f"  by name:  timm.create_model('hf-hub:{repo_id}@{commit}', pretrained=True)",
         f"  ad hoc:   timm.create_model('{architecture}', pretrained=True, "
         f"pretrained_cfg_overlay=dict(hf_hub_id='{repo_id}@{commit}'))",
@@ -169,8 +169,11 @@ def publish_folder(
     advice: List[str] = []  # reasons not to publish (blocking unless force)
     notes: List[str] = []  # conventions (never blocking)
     import timm.models
-    default_cfg = timm.models.get_pretrained_cfg(f"{arch}.{meta.get('pretrained_tag', '')}") \
-        if meta.get('pretrained_tag') else None
+    try:  # a tag not in timm_spot's release table (yet) has no registered cfg
+        default_cfg = timm.models.get_pretrained_cfg(f"{arch}.{meta.get('pretrained_tag', '')}") \
+            if meta.get('pretrained_tag') else None
+    except RuntimeError:
+        default_cfg = None
     canonical = default_cfg.hf_hub_id.split('@')[0] if default_cfg is not None and default_cfg.hf_hub_id else None
     if repo_id == canonical:
         if not registry['equivalent']:

@@ -1,4 +1,8 @@
-"""Shared test fixtures: where the project's real data lives, and small deterministic settings."""
+"""Shared test fixtures: where the project's real data lives, and small deterministic settings.
+
+Real data (CIFAR-10 and ImageNet sample images as Parquet) is read from ONE place: ``$TIMM_SPOT_DATA``, default
+``<repo>/../shared/data``; tests that need it skip with the path and this variable in the reason.
+"""
 import os
 from pathlib import Path
 
@@ -6,9 +10,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get('TIMM_SPOT_DATA', REPO.parent / 'shared' / 'data'))
-CIFAR10 = SHARED_DATA / 'cifar10' / 'train.parquet'
-IMAGENET_SAMPLES = SHARED_DATA / 'imagenet-samples' / 'samples_160.parquet'
+DATA_ROOT = Path(os.environ.get('TIMM_SPOT_DATA') or REPO.parent / 'shared' / 'data')
+SHARED_DATA = DATA_ROOT  # older name
+CIFAR10 = DATA_ROOT / 'cifar10' / 'train.parquet'
+IMAGENET_SAMPLES = DATA_ROOT / 'imagenet-samples' / 'samples_160.parquet'
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -16,14 +21,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture
 def cifar10_path() -> Path:
     if not CIFAR10.exists():
-        pytest.skip(f'real data not found at {CIFAR10} (set TIMM_SPOT_DATA to the shared data folder)')
+        pytest.skip(f'real data not found at {CIFAR10} (set TIMM_SPOT_DATA to the data folder)')
     return CIFAR10
 
 
 @pytest.fixture
 def imagenet_samples_path() -> Path:
     if not IMAGENET_SAMPLES.exists():
-        pytest.skip(f'real data not found at {IMAGENET_SAMPLES} (set TIMM_SPOT_DATA to the shared data folder)')
+        pytest.skip(f'real data not found at {IMAGENET_SAMPLES} (set TIMM_SPOT_DATA to the data folder)')
     return IMAGENET_SAMPLES
 
 

@@ -129,8 +129,11 @@ def test_pretrained_without_published_weights_says_what_to_do(monkeypatch, tmp_p
     import huggingface_hub.constants as hc
     monkeypatch.setattr(hc, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(hc, 'HF_HUB_CACHE', str(tmp_path))
+    from timm_spot.models._releases import find_release
     for name in ('alexnet_spot', 'alexnet_spot_discriminator'):
-        with pytest.raises(RuntimeError, match=r'(?s)timm-spot/.*pretrained_cfg_overlay'):
+        # a release not in the cache: the repo and the offline routes; no release: says so (never random weights)
+        what = 'timm-spot/' if find_release(name, None) else 'has no pretrained weights'
+        with pytest.raises(RuntimeError, match=rf'(?s){what}.*pretrained_cfg_overlay'):
             timm.create_model(name, pretrained=True)
 
 
@@ -212,13 +215,16 @@ def test_filter_passes_plain_backbone_checkpoints_through():
 
 
 def test_pretrained_tags_carry_their_input_size(tmp_path):
-    """spot_c10_64 weights are 64-px weights: the discriminator's fc6 spans the 4x4 conv5 map of that size."""
-    disc = timm.create_model('alexnet_spot_discriminator.spot_c10_64')
+    """A 64-px release is 64-px weights: the discriminator's fc6 spans the 4x4 conv5 map of that size."""
+    from timm_spot.models._releases import find_release, release_cfg
+    cfg64 = release_cfg('alexnet_spot_discriminator', 'spot_c10_64_test', 64)
+    disc = timm.create_model('alexnet_spot_discriminator', pretrained_cfg=cfg64)
     assert disc.pretrained_cfg['input_size'] == (3, 64, 64) and disc.pre_logits.kernel_size == 4
-    assert timm.create_model('alexnet_spot_discriminator').pre_logits.kernel_size == 8  # spot_in1k, 128 px
+    rel = find_release('alexnet_spot_discriminator', None)  # default: its first release, else the paper's 128 px
+    assert timm.create_model('alexnet_spot_discriminator').pre_logits.kernel_size == (rel.img_size if rel else 128) // 16
     path = tmp_path / 'd.safetensors'
     save_file({k: v.contiguous() for k, v in disc.state_dict().items()}, str(path))
-    loaded = timm.create_model('alexnet_spot_discriminator.spot_c10_64', pretrained=True,
+    loaded = timm.create_model('alexnet_spot_discriminator', pretrained=True, pretrained_cfg=cfg64,
                                pretrained_cfg_overlay=dict(file=str(path)))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in disc.state_dict().items())
     backbone = timm.create_model('alexnet_spot.spot_c10_64', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))

@@ -12,7 +12,9 @@ import timm_spot  # noqa: F401
 from timm_spot.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, '..', 'shared', 'data')
+from conftest import DATA_ROOT  # noqa: E402  ($TIMM_SPOT_DATA, default <repo>/../shared/data)
+
+SHARED = str(DATA_ROOT)
 SAMPLES = os.path.join(SHARED, 'imagenet-samples', 'samples_160.parquet')
 CIFAR = os.path.join(SHARED, 'cifar10', 'train.parquet')
 
@@ -140,6 +142,9 @@ def test_spot_through_the_generator_scores_the_true_mask(tmp_path, capsys):
     assert main(['spot', photo, '--weights', weights, '--generator', gen_path, '--damage', '--out', out]) == 0
     text = capsys.readouterr().out
     assert 'true dropped cells' in text and 'cell accuracy' in text and os.path.isfile(out)
+    # three panels (image | map | true cells) of the 64-px generator output, enlarged to >= 256 px, plus captions
+    w, h = _png(out)
+    assert w >= 3 * 256 and h >= 256 + 30
     assert main(['spot', photo, '--weights', weights, '--generator', gen_path, '--out', out]) == 0
     assert 'true dropped cells' not in capsys.readouterr().out  # autoencoded only: no mask to score
 
@@ -198,7 +203,7 @@ def test_cli_probe_errors_name_column_and_counts(tmp_path, capsys):
     assert os.path.isfile(out)
 
 
-@pytest.mark.skipif(not os.path.isfile(CIFAR), reason=f'shared CIFAR-10 data not found at {CIFAR}')
+@pytest.mark.skipif(not os.path.isfile(CIFAR), reason=f'real CIFAR-10 data not found at {CIFAR} (set TIMM_SPOT_DATA)')
 def test_cli_transfer_linear_and_finetune_on_cifar(tmp_path, capsys):
     """Table 2 protocol on real images: folds from a column-free fold file, linear and one fine-tuning epoch."""
     folds = tmp_path / 'fold_indices.txt'
@@ -210,3 +215,22 @@ def test_cli_transfer_linear_and_finetune_on_cifar(tmp_path, capsys):
     assert main(['transfer', 'finetune', *common, '--max-folds', '1', '--ft-epochs', '1', '--ft-batch-size', '10',
                  '--model-kwargs', 'head_type=linear']) == 0
     assert 'fine-tuned' in capsys.readouterr().out
+
+
+def test_every_cli_option_has_help():
+    import argparse
+
+    from timm_spot.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(' '.join(path + [action.option_strings[0] if action.option_strings else action.dest]))
+
+    walk(build_parser(), ['timm-spot'])
+    assert not missing, f'options without help: {missing}'

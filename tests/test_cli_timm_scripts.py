@@ -1,33 +1,51 @@
 """timm's own train.py / validate.py through the timm-spot wrapper (models registered before the script runs).
 
-timm's scripts are in its GitHub repository, not in the wheel. The real-script test runs when TIMM_TRAIN_SCRIPT (or
-TIMM_SCRIPTS_DIR) points at pytorch-image-models' train.py and skips otherwise. A stand-in script that uses the same
-timm calls train.py makes for model creation (``--pretrained --pretrained-path``, ``--model-kwargs``), data
-(``create_dataset``, ``create_loader``) and one optimiser step always runs.
+timm's scripts are in its GitHub repository, not in the wheel. The real-script test (a short fine-tune of
+``alexnet_spot`` from the released backbone with timm's train.py, then validate.py on its checkpoint) runs when
+``TIMM_TRAIN_SCRIPT`` points at train.py, or ``TIMM_SCRIPTS_DIR`` (default ``../timm-scripts`` beside the data
+folder, i.e. ``<repo>/../shared/timm-scripts``) holds train.py and validate.py, and skips with the reason otherwise.
+A stand-in script that uses the same timm calls train.py makes for model creation (``--pretrained
+--pretrained-path``, ``--model-kwargs``), data (``create_dataset``, ``create_loader``) and one optimiser step always
+runs.
 """
 import json
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import CIFAR10
 from timm_spot.cli import main as cli_main
 from timm_spot.eval.timm_scripts import find_script
 from timm_spot.eval.timm_scripts import main as scripts_main
+from timm_spot.models._releases import find_release
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR = os.path.join(REPO, '..', 'shared', 'data', 'cifar10', 'train.parquet')
+CIFAR = str(CIFAR10)
+DEFAULT_SCRIPTS_DIR = os.path.join(REPO, '..', 'shared', 'timm-scripts')
 
 
-def _train_script():
-    path = os.environ.get('TIMM_TRAIN_SCRIPT')
-    if not path and os.environ.get('TIMM_SCRIPTS_DIR'):
-        path = os.path.join(os.environ['TIMM_SCRIPTS_DIR'], 'train.py')
-    return path if path and os.path.isfile(path) else None
+def _scripts():
+    """(train.py, validate.py) of timm, or (None, reason)."""
+    train = os.environ.get('TIMM_TRAIN_SCRIPT')
+    folder = os.environ.get('TIMM_SCRIPTS_DIR') or DEFAULT_SCRIPTS_DIR
+    if not train:
+        train = os.path.join(folder, 'train.py')
+    validate = os.environ.get('TIMM_VALIDATE_SCRIPT') or os.path.join(os.path.dirname(train), 'validate.py')
+    if not os.path.isfile(train):
+        return None, (f"timm's train.py not found at {os.path.abspath(train)}: set TIMM_TRAIN_SCRIPT or "
+                      'TIMM_SCRIPTS_DIR (it is in the pytorch-image-models GitHub repository, not in the timm wheel)')
+    if not os.path.isfile(validate):
+        return None, f"timm's validate.py not found at {os.path.abspath(validate)}: set TIMM_VALIDATE_SCRIPT"
+    return (os.path.abspath(train), os.path.abspath(validate)), None
+
+
+SCRIPTS, NO_SCRIPTS = _scripts()
 
 
 def _image_folder(root, per_class=4, classes=2):
@@ -109,7 +127,7 @@ STAND_IN = textwrap.dedent('''
 ''')
 
 
-def test_wrapper_registers_models_and_passes_args(tmp_path):
+def test_wrapper_registers_models_and_passes_args(tmp_path, monkeypatch):
     """A stand-in train.py creates alexnet_spot with the weights file as pretrained source, trains one step."""
     import timm
     from safetensors.torch import save_file
@@ -138,11 +156,8 @@ def test_wrapper_registers_models_and_passes_args(tmp_path):
     assert cli_main(['timm-train', '--script', str(script), '--', *args]) == 0
     assert out.is_file()
     out.unlink()
-    os.environ['TIMM_TRAIN_SCRIPT'] = str(script)
-    try:
-        assert cli_main(['timm-train', '--', *args]) == 0
-    finally:
-        del os.environ['TIMM_TRAIN_SCRIPT']
+    monkeypatch.setenv('TIMM_TRAIN_SCRIPT', str(script))  # restored afterwards, whatever it was
+    assert cli_main(['timm-train', '--', *args]) == 0
     assert out.is_file()
 
 
@@ -158,21 +173,62 @@ def test_missing_script_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert find_script('inference') == str(tmp_path / 'inference.py')
 
 
-@pytest.mark.skipif(_train_script() is None,
-                    reason="timm's train.py not found: set TIMM_TRAIN_SCRIPT=/path/to/pytorch-image-models/train.py "
-                           '(it is in the GitHub repository, not in the timm wheel)')
-def test_real_timm_train_one_epoch(tmp_path):
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    weights = str(tmp_path / 'alexnet_spot.safetensors')
-    save_file(timm.create_model('alexnet_spot', num_classes=0).state_dict(), weights)
-    data = _image_folder(str(tmp_path / 'data'))
+@pytest.mark.skipif(SCRIPTS is None, reason=str(NO_SCRIPTS))
+def test_real_timm_train_then_validate_from_released_backbone(tmp_path):
+    """timm's own train.py fine-tunes alexnet_spot from the released backbone (one short epoch, CPU) on a small
+    CIFAR-10 image folder, then timm's validate.py evaluates the checkpoint it wrote."""
+    train_py, validate_py = SCRIPTS
+    rel = find_release('alexnet_spot', None)
+    assert rel is not None, 'alexnet_spot has no release'
+    weights = os.path.join(REPO, 'hub', rel.name, 'model.safetensors')
+    data = _image_folder(str(tmp_path / 'data'), per_class=12, classes=2)
+    out = tmp_path / 'out'
     code = scripts_main([
-        'train', _train_script(), '--', '--data-dir', data, '--model', 'alexnet_spot', '--num-classes', '2',
-        '--pretrained', '--pretrained-path', weights, '--img-size', '32', '--epochs', '1', '-b', '4',
+        'train', train_py, '--', '--data-dir', data, '--model', 'alexnet_spot', '--num-classes', '2',
+        '--pretrained', '--pretrained-path', weights, '--img-size', str(rel.img_size), '--epochs', '1', '-b', '8',
         '--device', 'cpu', '--workers', '0', '--sched', 'cosine', '--warmup-epochs', '0', '--opt', 'adam',
-        '--lr', '1e-3', '--output', str(tmp_path / 'out'), '--experiment', 'spot', '--log-interval', '1'])
+        '--lr', '1e-4', '--output', str(out), '--experiment', 'ft', '--log-interval', '1', '--checkpoint-hist', '1'])
     assert code == 0
-    assert os.path.isfile(os.path.join(tmp_path, 'out', 'spot', 'summary.csv'))
+    summary = (out / 'ft' / 'summary.csv').read_text().splitlines()
+    assert len(summary) == 2 and 'eval_top1' in summary[0]
+    checkpoint = out / 'ft' / 'model_best.pth.tar'
+    assert checkpoint.is_file()
+    # fine-tuned from the release: conv1 moved only a little from the released weights (lr 1e-4, a few steps)
+    from safetensors.torch import load_file
+    released = load_file(weights)['features.conv1.weight']
+    tuned = torch.load(checkpoint, map_location='cpu', weights_only=False)['state_dict']['features.conv1.weight']
+    assert (tuned - released).abs().max() < 0.1 * released.abs().max()
+
+    results = tmp_path / 'validate.json'
+    code = scripts_main([
+        'validate', validate_py, '--', '--data-dir', data, '--split', 'validation', '--model', 'alexnet_spot',
+        '--num-classes', '2', '--img-size', str(rel.img_size), '--checkpoint', str(checkpoint), '--device', 'cpu',
+        '--workers', '0', '-b', '8', '--results-file', str(results), '--results-format', 'json'])
+    assert code == 0
+    res = json.loads(results.read_text())
+    res = res[0] if isinstance(res, list) else res
+    assert res['model'] == 'alexnet_spot' and 0.0 <= float(res['top1']) <= 100.0
+
+
+def test_image_folder_writer_makes_timm_train_and_validation_folders(tmp_path):
+    import datasets
+
+    from timm_spot.data.imagefolder import main as folder_main
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in range(3):
+        for _ in range(5):
+            buf = __import__('io').BytesIO()
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format='PNG')
+            rows.append(({'bytes': buf.getvalue(), 'path': None}, c))
+    ds = datasets.Dataset.from_dict(
+        {'image': [r[0] for r in rows], 'label': [r[1] for r in rows]},
+        features=datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=['a', 'b', 'c'])}))
+    src = str(tmp_path / 'd.parquet')
+    ds.to_parquet(src)
+    out = tmp_path / 'folder'
+    assert folder_main([src, str(out), '--classes', '2', '--train-per-class', '3', '--val-per-class', '2']) == 0
+    assert sorted(p.name for p in (out / 'train').iterdir()) == ['a', 'b']
+    assert sorted(p.name for p in (out / 'train' / 'a').iterdir()) == ['0.png', '1.png', '2.png']
+    assert sorted(p.name for p in (out / 'validation' / 'b').iterdir()) == ['8.png', '9.png']  # the last rows

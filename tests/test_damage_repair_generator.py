@@ -336,8 +336,11 @@ def test_default_model_structure_and_cfg():
     model = timm.create_model(MODEL)
     assert isinstance(model, DamageRepairGenerator)
     cfg = model.pretrained_cfg
-    assert cfg['hf_hub_id'] == 'timm-spot/damage_repair_generator.spot_in1k'
-    assert cfg['input_size'] == (3, 128, 128) and cfg['mean'] == (0.5, 0.5, 0.5) and cfg['std'] == (0.5, 0.5, 0.5)
+    from timm_spot.models._releases import find_release
+    rel = find_release(MODEL, None)  # the default tag is the first release; without one, no weights are claimed
+    assert cfg.get('hf_hub_id') == (rel.repo_id if rel else None)
+    size = rel.img_size if rel else 128
+    assert cfg['input_size'] == (3, size, size) and cfg['mean'] == (0.5, 0.5, 0.5) and cfg['std'] == (0.5, 0.5, 0.5)
     assert cfg['first_conv'] + '.weight' in model.state_dict()
     shapes = _param_shapes(model)
     assert shapes['encoder.0.conv.weight'] == (32, 3, 3, 3)
@@ -537,5 +540,7 @@ def test_pretrained_without_published_weights_raises_clearly(monkeypatch, tmp_pa
     with pytest.raises(RuntimeError) as err:
         timm.create_model(MODEL, pretrained=True)
     msg = str(err.value)
-    assert 'timm-spot/damage_repair_generator.spot_in1k' in msg
+    from timm_spot.models._releases import find_release
+    rel = find_release(MODEL, None)
+    assert (rel.repo_id if rel else 'has no pretrained weights') in msg
     assert 'pretrained_cfg_overlay' in msg

@@ -13,9 +13,11 @@ from timm_spot.eval.features import TapExtractor, create_backbone, eval_transfor
 from timm_spot.eval.protocols import layerwise_probe, load_folds, prepare_features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, '..', 'shared', 'data')
+from conftest import DATA_ROOT  # noqa: E402  ($TIMM_SPOT_DATA, default <repo>/../shared/data)
+
+SHARED = str(DATA_ROOT)
 CIFAR = os.path.join(SHARED, 'cifar10', 'train.parquet')
-needs_cifar = pytest.mark.skipif(not os.path.isfile(CIFAR), reason=f'shared CIFAR-10 data not found at {CIFAR}')
+needs_cifar = pytest.mark.skipif(not os.path.isfile(CIFAR), reason=f'real CIFAR-10 data not found at {CIFAR} (set TIMM_SPOT_DATA)')
 
 COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
 

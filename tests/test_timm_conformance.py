@@ -7,9 +7,18 @@ of our registered models. The few combinations that cannot hold by design are ex
 reason written next to them (strict: if one starts passing, the suite says so).
 
 ``.ci/run`` fetches the test file from the package index (``python tests/timm_conformance.py``) and sets
-``TIMM_SPOT_REQUIRE_CONFORMANCE=1`` so that a missing file fails CI instead of skipping.
+``TIMM_SPOT_REQUIRE_CONFORMANCE=1`` so that a missing file fails CI instead of skipping. It also runs timm's
+test_models.py itself on our models (``pytest -p timm_spot ... -k``) against a cache seeded by
+``python -m hub cache --all``, with ``HF_HUB_OFFLINE=1``.
+
+The pretrained tests (``test_model_load_pretrained``, ``test_model_features_pretrained``) run here on every tag
+``timm.list_pretrained`` gives for our models, offline, from a Hugging Face cache seeded by exactly
+``python -m hub cache --all --cache-dir DIR`` (every release folder in hub/).
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,9 +43,9 @@ PER_MODEL_TESTS = {
     'test_model_forward_fx_torchscript': 1,
     'test_prune_intermediate_layers_contract': None,
 }
+# timm pretrained tests, run on every pretrained tag of our models (from the seeded offline cache)
+PRETRAINED_TESTS = {'test_model_load_pretrained': 1, 'test_model_features_pretrained': 1}
 # Not run here, with the reason:
-#  test_model_load_pretrained: needs published weights; tests/test_hub_offline.py loads ours through the
-#      real Hub code path from an offline cache instead.
 #  test_model_inference: only for timm's 'test_*' models with reference tensors on the Hub.
 
 _MASK_HEAD_REASON = (
@@ -64,6 +73,9 @@ TAGGED_TESTS = ('test_model_default_cfgs',)
 def _params():
     import timm
     tagged = timm.list_models(list(OUR_MODELS), include_tags=True)
+    for test_name in PRETRAINED_TESTS:
+        for model_name in timm.list_models(list(OUR_MODELS), pretrained=True):
+            yield pytest.param(test_name, model_name, id=f'{test_name}[{model_name}]')
     for test_name in PER_MODEL_TESTS:
         for model_name in (tagged if test_name in TAGGED_TESTS else OUR_MODELS):
             marks = []
@@ -73,13 +85,29 @@ def _params():
             yield pytest.param(test_name, model_name, marks=marks, id=f'{test_name}[{model_name}]')
 
 
+@pytest.fixture(scope='module')
+def _seeded_cache_dir(tmp_path_factory):
+    cache = tmp_path_factory.mktemp('hf') / 'hub'
+    subprocess.run([sys.executable, '-m', 'hub', 'cache', '--all', '--cache-dir', str(cache)],
+                   cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True, text=True)
+    return cache
+
+
+@pytest.fixture
+def seeded_offline_cache(monkeypatch, _seeded_cache_dir):
+    from test_hub_offline import use_cache
+    return use_cache(monkeypatch, _seeded_cache_dir)
+
+
 @pytest.mark.parametrize('test_name,model_name', list(_params()))
-def test_timm_model_suite(test_name, model_name):
+def test_timm_model_suite(test_name, model_name, request):
     fn = getattr(_timm_tests, test_name, None)
     if fn is None:
         pytest.skip(f'{test_name} is not in timm {_timm_tests.timm.__version__} tests (renamed or removed)')
+    if test_name in PRETRAINED_TESTS:
+        request.getfixturevalue('seeded_offline_cache')
     torch.manual_seed(0)
-    batch_size = PER_MODEL_TESTS[test_name]
+    batch_size = {**PER_MODEL_TESTS, **PRETRAINED_TESTS}[test_name]
     kwargs = {}
     if 'cfg_device' in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
         kwargs['cfg_device'] = 'meta' if getattr(_timm_tests, '_HAS_DEVICE_CONTEXT', False) else 'cpu'

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import List, Optional
 
-__all__ = ['main', 'build_parser', 'default_sample_source']
+__all__ = ['main', 'build_parser', 'default_sample_source', 'default_data_root']
 
 
 def _kv(items: Optional[List[str]]) -> dict:
@@ -36,21 +36,18 @@ def _kv(items: Optional[List[str]]) -> dict:
     return out
 
 
-def default_shared_data() -> Optional[str]:
-    """The project's shared real-data folder (``<repo>/../shared/data``), or ``$TIMM_SPOT_SHARED_DATA``."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for candidate in (os.environ.get('TIMM_SPOT_SHARED_DATA'), os.path.join(here, '..', 'shared', 'data'),
-                      os.path.join(os.getcwd(), '..', 'shared', 'data')):
-        if candidate and os.path.isdir(candidate):
-            return os.path.abspath(candidate)
-    return None
+def default_data_root() -> Optional[str]:
+    """The local real-data folder named by ``$TIMM_SPOT_DATA`` (None when unset or missing)."""
+    root = os.environ.get('TIMM_SPOT_DATA')
+    return os.path.abspath(root) if root and os.path.isdir(root) else None
 
 
 def default_sample_source() -> str:
-    """The ImageNet sample images (one per class) when present, else the built-in sample photographs."""
-    shared = default_shared_data()
-    if shared:
-        path = os.path.join(shared, 'imagenet-samples', 'samples_160.parquet')
+    """``$TIMM_SPOT_DATA/imagenet-samples/samples_160.parquet`` (one ImageNet image per class) when present, else
+    the built-in sample photographs."""
+    root = default_data_root()
+    if root:
+        path = os.path.join(root, 'imagenet-samples', 'samples_160.parquet')
         if os.path.isfile(path):
             return path
     return 'builtin'
@@ -74,8 +71,8 @@ def _add_data_args(p: argparse.ArgumentParser, img_size: int) -> None:
     p.add_argument('--val-data', default=None, help='separate validation source (default: same as --data)')
     p.add_argument('--val-split', default=None,
                    help='separate validation split (e.g. test); default: hold out --val-per-class rows per class')
-    p.add_argument('--image-column', default='image')
-    p.add_argument('--label-column', default='label')
+    p.add_argument('--image-column', default='image', help='column holding the images (default: image)')
+    p.add_argument('--label-column', default='label', help='column holding the integer class labels (default: label)')
     p.add_argument('--num-classes', type=int, default=None,
                    help='expected number of classes (the head size); a different count in the data is an error')
     p.add_argument('--train-per-class', type=int, default=None, help='use only the first N training rows per class')
@@ -84,7 +81,9 @@ def _add_data_args(p: argparse.ArgumentParser, img_size: int) -> None:
     p.add_argument('--img-size', type=int, default=img_size, help=f'input size in pixels (default {img_size})')
     p.add_argument('--crop-pct', type=float, default=1.0,
                    help='centre-crop fraction at evaluation (default 1.0: whole image; the authors use 0.85)')
-    p.add_argument('--batch-size', type=int, default=128, help='feature-extraction batch size')
+    p.add_argument('--batch-size', type=int, default=128,
+                   help='images per forward pass of the frozen model when extracting features (default 128; '
+                        'memory only, results do not depend on it)')
     p.add_argument('--workers', type=int, default=0, help='DataLoader workers (default 0)')
     p.add_argument('--cache-dir', default=None,
                    help='feature cache folder (default: $TIMM_SPOT_CACHE/features or ~/.cache/timm_spot/features)')
@@ -97,8 +96,10 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--lr', type=float, default=1e-3, help='linear-probe learning rate (default 1e-3)')
     p.add_argument('--weight-decay', type=float, default=0.1,
                    help='linear-probe L2 weight decay (default 0.1, on standardised features)')
-    p.add_argument('--optimizer', choices=('adam', 'adamw', 'sgd'), default='adam')
-    p.add_argument('--probe-batch-size', type=int, default=256)
+    p.add_argument('--optimizer', choices=('adam', 'adamw', 'sgd'), default='adam',
+                   help='linear-probe optimiser (default adam)')
+    p.add_argument('--probe-batch-size', type=int, default=256,
+                   help='feature vectors per linear-probe training step (default 256)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', default=None, metavar='FILE', help='also write the results as JSON')
 
     p = sub.add_parser('transfer', help='STL-10 protocol (Table 2): linear on frozen conv5, or fine-tuning')
-    p.add_argument('mode', choices=('linear', 'finetune'))
+    p.add_argument('mode', choices=('linear', 'finetune'),
+                   help='linear: a linear classifier on frozen conv5 features (Table 2, "conv1-5 frozen"); '
+                        'finetune: train the whole network with fresh fc layers (Table 2, fine-tuned)')
     _add_model_args(p)
     p.add_argument('--weights', default=None, metavar='FILE', help='weights file (default: random init)')
     _add_data_args(p, img_size=96)
@@ -129,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe_args(p)
     p.add_argument('--ft-epochs', type=int, default=200, help='fine-tuning epochs (paper: 200)')
     p.add_argument('--ft-lr', type=float, default=1e-3, help='fine-tuning Adam learning rate, linear decay')
-    p.add_argument('--ft-weight-decay', type=float, default=5e-5)
-    p.add_argument('--ft-batch-size', type=int, default=64)
+    p.add_argument('--ft-weight-decay', type=float, default=5e-5, help='fine-tuning weight decay (default 5e-5)')
+    p.add_argument('--ft-batch-size', type=int, default=64, help='fine-tuning batch size (default 64)')
     p.add_argument('--color-jitter', action='store_true', help='colour augmentation while fine-tuning')
     p.add_argument('--json', default=None, metavar='FILE', help='also write the results as JSON')
 
@@ -138,44 +141,52 @@ def build_parser() -> argparse.ArgumentParser:
     fsub = fig.add_subparsers(dest='figure', metavar='FIGURE')
     p = fsub.add_parser('filters', help='conv1 filters grid (Fig. 7a)')
     _add_model_args(p)
-    p.add_argument('--weights', default=None, metavar='FILE')
-    p.add_argument('--out', default='conv1_filters.png')
+    p.add_argument('--weights', default=None, metavar='FILE',
+                   help='backbone or discriminator weights, e.g. hub/alexnet_spot.spot_c10_64/model.safetensors '
+                        '(default: random init)')
+    p.add_argument('--out', default='conv1_filters.png', help='output PNG (default conv1_filters.png)')
     p.add_argument('--scale', type=int, default=4, help='pixels per filter tap (default 4)')
     p.add_argument('--global-norm', action='store_true', help='one contrast scale for all filters')
 
     p = fsub.add_parser('neighbors', aliases=['neighbours', 'nn'], help='conv5 nearest neighbours, cosine (Fig. 8)')
     _add_model_args(p)
-    p.add_argument('--weights', default=None, metavar='FILE')
+    p.add_argument('--weights', default=None, metavar='FILE',
+                   help='backbone or discriminator weights (default: random init)')
     p.add_argument('--data', default=None,
-                   help='image source (default: ../shared/data imagenet-samples, else built-in photos)')
-    p.add_argument('--split', default='train')
-    p.add_argument('--image-column', default='image')
+                   help='image source (default: $TIMM_SPOT_DATA/imagenet-samples/samples_160.parquet when present, '
+                        "else scikit-image's built-in photos)")
+    p.add_argument('--split', default='train', help='split of --data (default train)')
+    p.add_argument('--image-column', default='image', help='column holding the images (default: image)')
     p.add_argument('--caption-column', default=None, help='column printed under each image (default: name/label)')
     p.add_argument('--max-images', type=int, default=1000, help='search among the first N images')
     p.add_argument('--queries', type=int, nargs='*', default=None, help='query row indices (default: random)')
-    p.add_argument('--num-queries', type=int, default=6)
+    p.add_argument('--num-queries', type=int, default=6, help='random queries when --queries is not given (default 6)')
     p.add_argument('-k', type=int, default=6, help='neighbours per query')
-    p.add_argument('--img-size', type=int, default=128)
-    p.add_argument('--out', default='neighbors.png')
+    p.add_argument('--img-size', type=int, default=128, help='input size in pixels (default 128)')
+    p.add_argument('--out', default='neighbors.png', help='output PNG (default neighbors.png)')
 
     p = fsub.add_parser('gradcam', help='Grad-CAM of the real-vs-corrupt decision (Fig. 9)')
     p.add_argument('images', nargs='*', help='image files (default: --num images from --data)')
     p.add_argument('--weights', default=None, metavar='FILE', help='alexnet_spot_discriminator weights')
     p.add_argument('--data', default=None, help='image source when no files are given (default as neighbors)')
-    p.add_argument('--image-column', default='image')
-    p.add_argument('--num', type=int, default=8)
+    p.add_argument('--image-column', default='image', help='column holding the images (default: image)')
+    p.add_argument('--num', type=int, default=8, help='images drawn at random from --data (default 8)')
     p.add_argument('--img-size', type=int, default=None, help='input size (default: from the weights, else 128)')
-    p.add_argument('--target', choices=('predicted', 'real', 'corrupt'), default='predicted')
+    p.add_argument('--target', choices=('predicted', 'real', 'corrupt'), default='predicted',
+                   help="class whose evidence is mapped: the discriminator's own decision (default), real or corrupt")
     _add_discriminator_args(p)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default='gradcam.png')
+    p.add_argument('--seed', type=int, default=0, help='seed of the random image choice and of random init')
+    p.add_argument('--out', default='gradcam.png', help='output PNG (default gradcam.png)')
 
     p = sub.add_parser('spot', help="overlay the discriminator's predicted artifact map on an image")
     p.add_argument('image', help='image file')
-    p.add_argument('--weights', default=None, metavar='FILE', help='alexnet_spot_discriminator weights (.safetensors)')
+    p.add_argument('--weights', default=None, metavar='FILE',
+                   help='alexnet_spot_discriminator weights, e.g. '
+                        'hub/alexnet_spot_discriminator.spot_c10_64_v2/model.safetensors; without it a randomly '
+                        'initialised discriminator is used and the map means nothing (a note says so)')
     p.add_argument('--img-size', type=int, default=None, help='input size (default: from the weights, else 128)')
     p.add_argument('--out', default=None, help='output PNG (default: <image>_spot.png)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='seed of the random drop mask (--damage) and of random init')
     p.add_argument('--generator', default=None, metavar='FILE',
                    help='damage_repair_generator weights: first pass the image through it, as in pretraining '
                         '(the discriminator learnt "real" = autoencoded, so raw photos look unlike both classes)')
@@ -359,7 +370,11 @@ def cmd_spot(args) -> int:
         image, dropped = figures.through_generator(generator, open_image(args.image), img_size, args.damage, args.seed)
     elif args.damage:
         raise ValueError('--damage needs --generator FILE (damage_repair_generator weights)')
-    out, stats = figures.spot_figure(model, args.image, out, img_size, image=image, dropped=dropped)
+    caption = None
+    if args.generator:
+        caption = 'damaged & repaired by the generator' if args.damage else 'autoencoded by the generator'
+    out, stats = figures.spot_figure(model, args.image, out, img_size, image=image, dropped=dropped,
+                                     image_caption=caption)
     if stats.get('mask_head') is False:
         print(f"wrote {out}: p(real)={stats['p_real']:.3f}; no artifact map: this discriminator has no mask head "
               f"(trained without the mask loss, ablations g/l) ({img_size}px)")

@@ -4,7 +4,7 @@ One function, :func:`load_image_source`, serves pretraining and evaluation alike
 
 * ``None`` or ``"builtin"``: a few real photographs shipped with scikit-image (no download), for demos.
 * a folder: ``datasets``' ``imagefolder`` builder (class sub-folders become a ``label`` column).
-* Parquet / Arrow files or globs (``../shared/data/cifar10/train.parquet``).
+* Parquet / Arrow files or globs (``$TIMM_SPOT_DATA/cifar10/train.parquet``, ``data/*.parquet``).
 * anything else: a Hugging Face Hub dataset id (``ILSVRC/imagenet-1k``, ``tanganke/stl10``), optionally streamed.
 
 Images are kept *encoded* (``datasets.Image(decode=False)``) and decoded by :func:`decode_image`, so that one
@@ -208,7 +208,7 @@ def holdout_split(
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Split row indices into (train, validation): the LAST ``per_class`` rows of every class are held out.
 
-    Deterministic and label-balanced, so every report on ``../shared/data/cifar10`` uses the same
+    Deterministic and label-balanced, so every report on the CIFAR-10 training split uses the same
     validation images (the data has no test split; never train on the held-out part).
     """
     labels = np.asarray(labels)

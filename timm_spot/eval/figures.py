@@ -17,7 +17,7 @@ from .data import open_image, single_thread
 
 __all__ = [
     'colormap', 'overlay_heatmap', 'first_conv', 'filters_figure', 'neighbours_figure', 'create_discriminator',
-    'discriminator_input', 'gradcam', 'gradcam_figure', 'spot_image', 'spot_figure', 'through_generator',
+    'discriminator_input', 'gradcam', 'gradcam_figure', 'spot_cells', 'spot_image', 'spot_figure', 'through_generator',
 ]
 
 DISCRIMINATOR = 'alexnet_spot_discriminator'
@@ -395,8 +395,8 @@ def gradcam_figure(model: nn.Module, images: Sequence[Image.Image], out: str, im
 
 
 @torch.no_grad()
-def spot_image(model: nn.Module, image: Image.Image, img_size: int) -> Tuple[np.ndarray, float]:
-    """(artifact probability map at the image's own size, in [0, 1]; probability that the image is real)."""
+def spot_cells(model: nn.Module, image: Image.Image, img_size: int) -> Tuple[np.ndarray, float]:
+    """(artifact probability per conv5 cell, shape (img_size/16, img_size/16), in [0, 1]; probability of real)."""
     x = discriminator_input([image], img_size)
     real_logit, mask_logits = model.forward_pretext(x)
     if not bool(torch.isfinite(real_logit).all()) or (mask_logits is not None and
@@ -407,7 +407,17 @@ def spot_image(model: nn.Module, image: Image.Image, img_size: int) -> Tuple[np.
     if mask_logits is None:  # trained without the mask head (ablations g, l): only p(real)
         return None, p_real
     artifact = torch.sigmoid(-mask_logits.float())  # mask logit > 0: intact; < 0: artifact
-    up = F.interpolate(artifact, size=(image.height, image.width), mode='bilinear', align_corners=False)
+    return artifact[0, 0].numpy(), p_real
+
+
+@torch.no_grad()
+def spot_image(model: nn.Module, image: Image.Image, img_size: int) -> Tuple[Optional[np.ndarray], float]:
+    """(artifact probability map at the image's own size, in [0, 1], or None without a mask head; p(real))."""
+    cells, p_real = spot_cells(model, image, img_size)
+    if cells is None:
+        return None, p_real
+    up = F.interpolate(torch.from_numpy(cells)[None, None], size=(image.height, image.width), mode='bilinear',
+                       align_corners=False)
     return up[0, 0].numpy(), p_real
 
 
@@ -426,16 +436,64 @@ def through_generator(generator: nn.Module, image: Image.Image, img_size: int, d
     return Image.fromarray(array), dropped
 
 
+def _caption_font(size: int = 14):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:  # pragma: no cover  (older Pillow: the fixed bitmap font)
+        return _font()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> List[str]:
+    lines, line = [], ''
+    for word in text.split():
+        trial = f'{line} {word}'.strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])
+
+
+def _cells_overlay(view: Image.Image, cells: np.ndarray, alpha: float, font, numbers: bool = True) -> Image.Image:
+    """``view`` with one flat colour block per cell (nearest, so the cells are visible), grid lines and, where the
+    cells are large enough, each cell's value."""
+    heat = np.asarray(Image.fromarray((np.clip(cells, 0, 1) * 255).astype(np.uint8)).resize(view.size, Image.NEAREST),
+                      dtype=np.float32) / 255.0
+    colour = colormap(heat).astype(np.float32)
+    base = np.asarray(view.convert('RGB'), dtype=np.float32)
+    out = Image.fromarray((base * (1 - alpha) + colour * alpha).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    gh, gw = cells.shape
+    cw, ch = view.width / gw, view.height / gh
+    for i in range(1, gw):
+        draw.line([(round(i * cw), 0), (round(i * cw), view.height)], fill=(255, 255, 255), width=1)
+    for j in range(1, gh):
+        draw.line([(0, round(j * ch)), (view.width, round(j * ch))], fill=(255, 255, 255), width=1)
+    if numbers and font is not None and min(cw, ch) >= 30:
+        for j in range(gh):
+            for i in range(gw):
+                v = float(cells[j, i])
+                draw.text((i * cw + 3, j * ch + 2), f'{v:.2f}', font=font,
+                          fill=(0, 0, 0) if v > 0.6 else (255, 255, 255))
+    return out
+
+
 def spot_figure(model: nn.Module, image_path: Optional[str], out: str, img_size: int, max_side: int = 512,
                 alpha: float = 0.55, image: Optional[Image.Image] = None,
-                dropped: Optional[np.ndarray] = None) -> Tuple[str, dict]:
-    """The image beside the same image with its predicted artifact map overlaid as a heat-map (plus a colour bar).
+                dropped: Optional[np.ndarray] = None, min_side: int = 256,
+                image_caption: Optional[str] = None) -> Tuple[str, dict]:
+    """The image, its predicted artifact map (one block per conv5 cell, the probability printed in it) and, for a
+    damaged-and-repaired image, the true dropped cells, side by side, with a colour bar.
 
-    ``dropped`` (the true dropped cells of a damaged-and-repaired image) adds how well the map finds them.
+    Panels are resized so their longer side is between ``min_side`` and ``max_side`` pixels (small images, e.g. the
+    generator's 64-px output, are enlarged with nearest-neighbour so pixels and cells stay sharp). Each panel has
+    its caption in a strip below it and the numbers are in a strip of their own, so no text overlaps.
+    ``dropped`` (the true dropped cells) adds how well the map finds them.
     """
     image = image if image is not None else open_image(image_path)
-    heat, p_real = spot_image(model, image, img_size)
-    if heat is None:  # no mask head: the image with p(real) only
+    cells, p_real = spot_cells(model, image, img_size)
+    if cells is None:  # no mask head: the image with p(real) only
         scale = min(1.0, max_side / max(image.size))
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         view = image.resize(size, Image.BICUBIC) if size != image.size else image
@@ -447,33 +505,55 @@ def spot_figure(model: nn.Module, image_path: Optional[str], out: str, img_size:
                                         fill=(0, 0, 0), font=font)
         return _save(canvas, out), dict(p_real=p_real, artifact_mean=None, artifact_max=None, grid=img_size // 16,
                                         img_size=img_size, mask_head=False)
-    scale = min(1.0, max_side / max(image.size))
+    heat, _ = spot_image(model, image, img_size)
+    long_side = max(image.size)
+    target = min(max(long_side, min_side), max_side)
+    scale = target / long_side
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    view = image.resize(size, Image.BICUBIC) if size != image.size else image
-    heat_view = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(size, Image.BILINEAR),
-                           dtype=np.float32) / 255.0
-    over = overlay_heatmap(view, heat_view, alpha=alpha)
-    bar_w, gap = 14, 8
-    canvas = Image.new('RGB', (2 * size[0] + 2 * gap + bar_w + 30, size[1] + 20), (255, 255, 255))
-    canvas.paste(view, (0, 0))
-    canvas.paste(over, (size[0] + gap, 0))
-    bar = colormap(np.linspace(1, 0, size[1])[:, None].repeat(bar_w, 1))
-    canvas.paste(Image.fromarray(bar), (2 * size[0] + 2 * gap, 0))
-    draw = ImageDraw.Draw(canvas)
-    font = _font()
-    if font is not None:
-        draw.text((2 * size[0] + 2 * gap + bar_w + 2, 0), '1', fill=(0, 0, 0), font=font)
-        draw.text((2 * size[0] + 2 * gap + bar_w + 2, size[1] - 10), '0', fill=(0, 0, 0), font=font)
-        draw.text((2, size[1] + 4), f'p(real)={p_real:.2f}  artifact map: mean {heat.mean():.2f}, '
-                                    f'max {heat.max():.2f}', fill=(0, 0, 0), font=font)
-    stats = dict(p_real=p_real, artifact_mean=float(heat.mean()), artifact_max=float(heat.max()),
+    resample = Image.NEAREST if scale > 1 else Image.BICUBIC
+    view = image.convert('RGB').resize(size, resample) if size != image.size else image.convert('RGB')
+    font = _caption_font(14)
+    cell_font = _caption_font(max(10, min(16, int(min(size) / cells.shape[0] / 3.2))))
+    g = cells.shape[0]
+    what = image_caption or 'input'
+    panels = [(view, f'{what} ({image.width}x{image.height} px, scored at {img_size} px)'),
+              (_cells_overlay(view, cells, alpha, cell_font),
+               f'predicted artifact probability per cell ({g}x{g} conv5 cells)')]
+    stats = dict(p_real=p_real, artifact_mean=float(cells.mean()), artifact_max=float(cells.max()),
                  grid=img_size // 16, img_size=img_size)
     if dropped is not None:  # cell-level agreement of the predicted map (threshold 0.5) with the true mask
-        g = img_size // 16
-        cells = F.adaptive_avg_pool2d(torch.from_numpy(heat)[None, None], (g, g))[0, 0].numpy() >= 0.5
-        truth = dropped >= 0.5
-        stats.update(dropped_cells=int(truth.sum()), cell_accuracy=float((cells == truth).mean()))
-        if font is not None:
-            draw.text((size[0] + gap + 2, size[1] + 4), f'true dropped cells {int(truth.sum())}/{g * g}, '
-                      f'cell accuracy {stats["cell_accuracy"]:.2f}', fill=(0, 0, 0), font=font)
+        truth = np.asarray(dropped, dtype=np.float32) >= 0.5
+        pred = cells >= 0.5 if cells.shape == truth.shape else \
+            F.adaptive_avg_pool2d(torch.from_numpy(heat)[None, None], truth.shape)[0, 0].numpy() >= 0.5
+        stats.update(dropped_cells=int(truth.sum()), cell_accuracy=float((pred == truth).mean()))
+        panels.append((_cells_overlay(view, truth.astype(np.float32), alpha, cell_font, numbers=False),
+                       f'true dropped cells ({int(truth.sum())} of {truth.size})'))
+
+    gap, bar_w, margin = 12, 16, 8
+    probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    line_h = int(font.getbbox('Ag')[3] + 4) if font is not None else 14
+    captions = [_wrap(probe, c, font, size[0]) if font is not None else [] for _, c in panels]
+    caption_h = max(len(c) for c in captions) * line_h + 6
+    total_w = len(panels) * size[0] + (len(panels) - 1) * gap + gap + bar_w + 40
+    summary = f'p(real) = {p_real:.2f}; artifact probability: mean {cells.mean():.2f}, max {cells.max():.2f}'
+    if 'cell_accuracy' in stats:
+        summary += (f'; true dropped cells {stats["dropped_cells"]}/{g * g}, '
+                    f'cell accuracy at 0.5 {stats["cell_accuracy"]:.2f}')
+    summary_lines = _wrap(probe, summary, font, total_w - 2 * margin) if font is not None else []
+    height = margin + size[1] + caption_h + len(summary_lines) * line_h + margin
+    canvas = Image.new('RGB', (total_w + margin, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x = margin
+    for (panel, _), lines in zip(panels, captions):
+        canvas.paste(panel, (x, margin))
+        for k, line in enumerate(lines):
+            draw.text((x, margin + size[1] + 4 + k * line_h), line, fill=(0, 0, 0), font=font)
+        x += size[0] + gap
+    bar = colormap(np.linspace(1, 0, size[1])[:, None].repeat(bar_w, 1))
+    canvas.paste(Image.fromarray(bar), (x, margin))
+    if font is not None:
+        draw.text((x + bar_w + 4, margin), '1', fill=(0, 0, 0), font=font)
+        draw.text((x + bar_w + 4, margin + size[1] - line_h), '0', fill=(0, 0, 0), font=font)
+        for k, line in enumerate(summary_lines):
+            draw.text((margin, margin + size[1] + caption_h + k * line_h), line, fill=(0, 0, 0), font=font)
     return _save(canvas, out), stats

@@ -340,7 +340,7 @@ def finetune_once(
 ) -> float:
     """Fine-tune all layers (conv transferred from ``weights``, classifier new) and return validation top-1 %.
 
-    Training augmentation follows the pretraining preprocessing (spec section 2): random resized crop with area
+    Training augmentation follows the pretraining preprocessing (docs/method.md, preprocessing): random resized crop with area
     0.333..1 and aspect 0.75..1.33, bilinear or bicubic at random, horizontal flip, optional colour jitter
     (brightness 32/255, saturation 0.5..1.5). Adam with a linear learning-rate decay to 0 (the authors' code).
     """

@@ -38,6 +38,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 
 from ._builder import PAPER_CFG, build_spot_model
+from ._releases import release_cfgs
 
 __all__ = ['AlexNetSpot', 'ConvFcHead', 'SPOT_MEAN', 'SPOT_STD', 'checkpoint_filter_fn', 'fold_batchnorm']
 
@@ -327,11 +328,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: AlexNetSpot
     """Adapt a backbone or pretext-discriminator checkpoint to ``model``.
 
     * pretext heads (``mask_head.*``, its real/corrupt ``pre_logits.*`` / ``head.*``) are dropped;
-    * ``features.norm5.*`` is folded into conv5 when ``model`` has no norm5 (exact in eval mode).
+    * ``features.norm5.*`` is folded into conv5 when ``model`` has no norm5 (exact in eval mode);
+    * bfloat16 tensors (the released discriminator is stored in bfloat16) are upcast to float32 first, so the fold
+      is computed in float32.
     """
     if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
         state_dict = state_dict['state_dict']
-    out = dict(state_dict)
+    out = {k: v.float() if isinstance(v, torch.Tensor) and v.dtype in (torch.bfloat16, torch.float16) else v
+           for k, v in state_dict.items()}
     if 'mask_head.weight' in out:  # a pretext discriminator checkpoint: keep the trunk only
         out = {k: v for k, v in out.items() if k.startswith('features.')}
     has_norm5 = isinstance(model.features.norm5, nn.BatchNorm2d) if hasattr(model.features, 'norm5') else False
@@ -366,14 +370,10 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    # the paper's recipe (ImageNet-1k, 128 px, 80 + 150 epochs): the default tag, not trained yet
-    'alexnet_spot.spot_in1k': _cfg(hf_hub_id='timm-spot/alexnet_spot.spot_in1k'),
-    # this project's first weights: CIFAR-10 train split without the probe hold-out, 64 px, a short CPU run
-    # (hub/alexnet_spot, MODEL_CARD.md): `timm.create_model('alexnet_spot.spot_c10_64', pretrained=True)`
-    'alexnet_spot.spot_c10_64': _cfg(
-        hf_hub_id='timm-spot/alexnet_spot.spot_c10_64', input_size=(3, 64, 64), pool_size=(4, 4), crop_pct=1.0),
-})
+# pretrained tags: one per released (model, tag) row of ._releases (default tag first); none claims weights that
+# do not ship in hub/<model>.<tag>/
+default_cfgs = generate_default_cfgs(release_cfgs(
+    'alexnet_spot', _cfg, lambda size: dict(pool_size=(-(-size // 16), -(-size // 16)))))
 
 
 @register_model

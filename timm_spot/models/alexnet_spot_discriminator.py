@@ -27,7 +27,8 @@ import torch.nn as nn
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._registry import generate_default_cfgs, register_model
 
-from ._builder import build_spot_model
+from ._builder import build_spot_model, upcast_state_dict
+from ._releases import release_cfgs
 from .alexnet_spot import SPOT_MEAN, AlexNetSpot, checkpoint_filter_fn
 from .alexnet_spot import _cfg as _backbone_cfg
 
@@ -154,6 +155,7 @@ def _create_discriminator(variant: str, pretrained: bool = False, **kwargs: Any)
         AlexNetSpotDiscriminator,
         variant,
         pretrained,
+        pretrained_filter_fn=lambda sd, model: upcast_state_dict(sd),  # bfloat16 release -> float32 before adapting
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         **kwargs,
     )
@@ -164,15 +166,10 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return _backbone_cfg(**{'num_classes': 1, **kwargs})
 
 
-default_cfgs = generate_default_cfgs({
-    # the paper's recipe (ImageNet-1k, 128 px): the default tag, not trained yet
-    'alexnet_spot_discriminator.spot_in1k': _cfg(hf_hub_id='timm-spot/alexnet_spot_discriminator.spot_in1k'),
-    # this project's first weights: CIFAR-10 train split without the probe hold-out, 64 px, a short CPU run
-    # (fc6 spans its 4x4 conv5 map: head_kernel_size follows the tag's input size)
-    'alexnet_spot_discriminator.spot_c10_64': _cfg(
-        hf_hub_id='timm-spot/alexnet_spot_discriminator.spot_c10_64', input_size=(3, 64, 64), pool_size=(4, 4),
-        crop_pct=1.0),
-})
+# pretrained tags from ._releases (fc6 spans the conv5 map of the tag's input size: head_kernel_size follows it);
+# without a release row: the paper's untagged 128-px cfg, no weights
+default_cfgs = generate_default_cfgs(release_cfgs(
+    'alexnet_spot_discriminator', _cfg, lambda size: dict(pool_size=(-(-size // 16), -(-size // 16)))))
 
 
 @register_model

@@ -46,7 +46,7 @@ Training (done by the pretext trainer, not here): stage 1 trains ``autoencoder_p
 (E, D, to_rgb) with an MSE reconstruction loss; stage 2 freezes them (BN in eval mode) and trains only
 ``repair_parameters()`` adversarially against the discriminator.
 
-Paper vs code choices made here (see the project spec):
+Paper vs code choices made here (docs/method.md lists them all):
 
 * leaky ReLU slope 0.1 (paper ``max(x/10, x)``; the code uses ``tf.nn.leaky_relu``'s 0.2): ``leak``;
 * the pre-activation is skipped in the FIRST repair block only (paper Fig. 5; the demo code passes
@@ -81,7 +81,8 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
-from ._builder import PAPER_CFG, build_spot_model
+from ._builder import PAPER_CFG, build_spot_model, upcast_state_dict
+from ._releases import release_cfgs
 
 __all__ = ['DamageRepairGenerator']
 
@@ -676,6 +677,26 @@ class DamageRepairGenerator(nn.Module):
         return x
 
 
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Adapt the output conv (``to_rgb``) of RGB weights to a model built with another ``in_chans``.
+
+    timm adapts the first conv (``encoder.0.conv``) to ``in_chans``; this image-to-image model also has ``in_chans``
+    outputs. A 1-channel model gets the mean of the R, G, B output filters (a gray output, before tanh); other
+    counts repeat R, G, B cyclically. Weights stored in bfloat16 (the release) are upcast to float32 first, so
+    timm's input-conv adaptation is computed in float32.
+    """
+    target = model.state_dict()
+    out = upcast_state_dict(state_dict)
+    for key in ('to_rgb.weight', 'to_rgb.bias'):
+        if key not in out or key not in target or out[key].shape == target[key].shape:
+            continue
+        src, want = out[key].float(), target[key].shape[0]
+        if src.shape[1:] != target[key].shape[1:]:
+            continue  # another architecture: let the strict load report it
+        out[key] = src.mean(dim=0, keepdim=True) if want == 1 else src[[i % src.shape[0] for i in range(want)]]
+    return out
+
+
 def _create_damage_repair_generator(variant: str, pretrained: bool = False, **kwargs: Any) -> DamageRepairGenerator:
     """Build through timm's ``build_model_with_cfg`` (pretrained cfg, features_only, strict weight loading).
 
@@ -688,6 +709,7 @@ def _create_damage_repair_generator(variant: str, pretrained: bool = False, **kw
         DamageRepairGenerator,
         variant,
         pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_taps))),
         **kwargs,
     )
@@ -710,14 +732,9 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    # the paper's recipe (ImageNet-1k, 128 px): the default tag, not trained yet
-    'damage_repair_generator.spot_in1k': _cfg(hf_hub_id='timm-spot/damage_repair_generator.spot_in1k'),
-    # this project's first weights: CIFAR-10 train split without the probe hold-out, 64 px, a short CPU run
-    'damage_repair_generator.spot_c10_64': _cfg(
-        hf_hub_id='timm-spot/damage_repair_generator.spot_c10_64', input_size=(3, 64, 64), pool_size=(64, 64),
-        crop_pct=1.0),
-})
+# pretrained tags from ._releases; without a release row: the paper's untagged 128-px cfg, no weights
+default_cfgs = generate_default_cfgs(release_cfgs(
+    'damage_repair_generator', _cfg, lambda size: dict(pool_size=(size, size))))
 
 
 @register_model
