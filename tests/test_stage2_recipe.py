@@ -100,6 +100,12 @@ def test_fc6_as_matrix_product_equals_the_convolution():
     g_ref, = torch.autograd.grad(F.relu(ref).sum(), fc6.weight)
     g_out, = torch.autograd.grad(m.pre_logits(f).sum(), fc6.weight)
     assert torch.allclose(g_ref, g_out, atol=1e-4)
+    # channels-last weights (the trainer's default on CPUs with bf16) flatten in (h, w, c) order: same values
+    m_cl = timm.create_model('alexnet_spot_discriminator', head_kernel_size=4).eval()
+    m_cl.load_state_dict(m.state_dict())
+    m_cl = m_cl.to(memory_format=torch.channels_last)
+    assert not m_cl.pre_logits.fc6.weight.is_contiguous()
+    assert torch.allclose(m_cl.pre_logits(f.contiguous(memory_format=torch.channels_last)), F.relu(ref), atol=1e-5)
     # a larger map (any input size) still takes the convolution path
     assert m.pre_logits(torch.randn(1, 256, 6, 6)).shape[-2:] == (3, 3)
 

@@ -94,7 +94,13 @@ class ConvFcHead(nn.Module):
         if x.shape[-2] == self.kernel_size and x.shape[-1] == self.kernel_size:
             # fc6 spans the whole map (the pretext discriminator's case): the convolution is one matrix product,
             # computed as such (same parameters and result; CPU convolution kernels are slow for this shape)
-            x = F.linear(x.flatten(1), self.fc6.weight.flatten(1), self.fc6.bias)[:, :, None, None]
+            w = self.fc6.weight
+            if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+                # channels-last weights: flatten both sides in (h, w, c) order, views instead of a 64 MB copy
+                x = F.linear(x.permute(0, 2, 3, 1).flatten(1), w.permute(0, 2, 3, 1).flatten(1), self.fc6.bias)
+            else:
+                x = F.linear(x.flatten(1), w.flatten(1), self.fc6.bias)
+            x = x[:, :, None, None]
         else:
             x = self.fc6(x)
         x = self.drop6(self.act6(x))
