@@ -68,7 +68,10 @@ def folder_of(out: Path, name: str) -> Path:
 
 
 def registry_model(name: str, **kwargs):
-    """The registered architecture and cfg, its weights from the test repo (what a release row's hf_hub_id does)."""
+    """The registered architecture and cfg, its weights from the test repo (what a release row's hf_hub_id does).
+    The fake run is a 128-px one: the discriminator's fc6 kernel (8) is passed, as model_args.json says."""
+    if name == 'alexnet_spot_discriminator':
+        kwargs.setdefault('head_kernel_size', RUN_ARGS[name]['head_kernel_size'])
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=repo_id(name)), **kwargs)
 
 

@@ -46,11 +46,10 @@ class Release:
 
 # Newest first per model: the first row of a model is its default tag.
 RELEASES: Tuple[Release, ...] = (
-    # v2: all three models of one 64-px CIFAR-10 run (the discriminator's fc6 kernel is 4). Uncomment these three
-    # rows, then `python -m hub export runs/<v2 run> --tag spot_c10_64_v2` (see hub/__init__.py).
-    # Release('alexnet_spot', 'spot_c10_64_v2', 64),
-    # Release('alexnet_spot_discriminator', 'spot_c10_64_v2', 64),
-    # Release('damage_repair_generator', 'spot_c10_64_v2', 64),
+    # v2: all three models of one 64-px CIFAR-10 run (the discriminator's fc6 kernel is 4; MODEL_CARD.md)
+    Release('alexnet_spot', 'spot_c10_64_v2', 64),
+    Release('alexnet_spot_discriminator', 'spot_c10_64_v2', 64),
+    Release('damage_repair_generator', 'spot_c10_64_v2', 64),
     # v1: the backbone of the first short CPU run (CIFAR-10 at 64 px, MODEL_CARD.md)
     Release('alexnet_spot', 'spot_c10_64', 64),
 )
