@@ -46,7 +46,7 @@ _FLAGS = [
     ('--theta', 'theta', float, 'drop rate'),
     ('--ablation', 'ablation', str, "Table 1 preset: baseline, a..l"),
     ('--seed', 'seed', int, 'seed'),
-    ('--mixed-precision', 'mixed_precision', str, "'no', 'bf16' or 'fp16'"),
+    ('--mixed-precision', 'mixed_precision', str, "'auto' (default: bf16 where it is fast), 'no', 'bf16' or 'fp16'"),
     ('--num-workers', 'num_workers', int, 'data-loading workers'),
     ('--log-every', 'log_every', int, 'steps between metric records'),
     ('--figure-every', 'figure_every', int, 'steps between Figure-3 grids'),
