@@ -428,8 +428,8 @@ def _hub_folder(tmp_path) -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / 'alexnet_spot.safetensors'))
     (run / 'model_args.json').write_text(json.dumps({'alexnet_spot': {}, 'img_size': 64}))
     (run / 'config.yaml').write_text('data: builtin\nimg_size: 64\n')
-    export_run(run, tmp_path / 'hub', verify=False, log=None)
-    return tmp_path / 'hub' / 'alexnet_spot'
+    export_run(run, tmp_path / 'hub', verify=False, log=None, tag='test')
+    return tmp_path / 'hub' / 'alexnet_spot.test'
 
 
 def test_publish_uploads_exactly_the_listed_files(tmp_path):
@@ -488,13 +488,13 @@ def test_export_replaces_the_folder_by_rename_and_deletes_last(tmp_path, monkeyp
         return real_replace(src, dst)
     monkeypatch.setattr(export_mod.os, 'replace', killed)
     with pytest.raises(KeyboardInterrupt):
-        export_mod.export_run(tmp_path / 'fake-run', tmp_path / 'hub', verify=False, log=None)
-    survivors = [p for p in (folder, folder.parent / '.alexnet_spot.export-old') if p.is_dir()]
+        export_mod.export_run(tmp_path / 'fake-run', tmp_path / 'hub', verify=False, log=None, tag='test')
+    survivors = [p for p in (folder, folder.parent / '.alexnet_spot.test.export-old') if p.is_dir()]
     assert survivors and snapshot(survivors[0]) == before
     monkeypatch.setattr(export_mod.os, 'replace', real_replace)
-    export_mod.export_run(tmp_path / 'fake-run', tmp_path / 'hub', verify=False, log=None)
+    export_mod.export_run(tmp_path / 'fake-run', tmp_path / 'hub', verify=False, log=None, tag='test')
     assert snapshot(folder).keys() == before.keys()
-    assert not (folder.parent / '.alexnet_spot.export-old').exists()
+    assert not (folder.parent / '.alexnet_spot.test.export-old').exists()
 
 
 # ------------------------------------------------------------------------------------------------ 12. images
