@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from timm_spot.models.damage_repair_generator import upsample_mask
+
 from .checkpoint import atomic_write
 
 LABEL_WIDTH = 104
@@ -65,7 +67,7 @@ def figure3_rows(generator, images: torch.Tensor, mask: Optional[torch.Tensor], 
         return rows
     if generator is None or mask is None:
         return rows
-    mask_img = F.interpolate(mask.float(), size=images.shape[-2:], mode='nearest').repeat(1, 3, 1, 1) * 2 - 1
+    mask_img = upsample_mask(mask.float(), images.shape[-2:]).repeat(1, 3, 1, 1) * 2 - 1
     rows.append(('mask (white=kept)', mask_img))
     x_hat, _ = generator.damage_and_repair(images, mask)
     rows.append(('damaged+repaired', x_hat))

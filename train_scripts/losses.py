@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from timm_spot.models.damage_repair_generator import upsample_mask as _upsample_mask
+
 
 def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, weight: float = 30.0) -> torch.Tensor:
     """Stage 1: ``weight * mean((D(E(x)) - x)**2)`` (code: ``mean_squared_error(..., weights=30)``)."""
@@ -62,8 +64,8 @@ def generator_adversarial_loss(corrupt_logits: torch.Tensor) -> torch.Tensor:
 
 
 def upsample_mask(mask: torch.Tensor, size) -> torch.Tensor:
-    """Nearest-neighbour upsampling of the cell mask [B, 1, M, N] to pixels (``resize_nearest_neighbor``)."""
-    return F.interpolate(mask.float(), size=size, mode='nearest')
+    """The cell mask [B, 1, M, N] at pixel resolution, float32 (the generator's nearest-neighbour upsampler)."""
+    return _upsample_mask(mask.float(), size)
 
 
 def kept_cells_l2_loss(x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,8 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.nn as nn
 
+from timm_spot.models.damage_repair_generator import sample_drop_mask
+
 from . import config as config_lib
 from .checkpoint import (CHECKPOINT_DIR, CheckpointError, DiskFullError, RunState, atomic_save_safetensors,
                          atomic_write_text, clean_partial, dir_size, disk_full_message, find_resume_checkpoint,
@@ -447,8 +449,8 @@ class Pretrainer:
         if self.is_main:
             self.fig_images = figure_images(self.ds, self.cfg, int(self.cfg['num_figure_images'])).to(self.device)
             k = self.fig_images.shape[0]
-            self.fig_mask = torch.bernoulli(torch.full((k, 1) + self.grid, 1.0 - float(self.cfg['theta'])),
-                                            generator=torch_generator(self.seed, TAG_FIGURE)).to(self.device)
+            self.fig_mask = sample_drop_mask(k, self.grid[0], self.grid[1], float(self.cfg['theta']),
+                                             generator=torch_generator(self.seed, TAG_FIGURE)).to(self.device)
             self.fig_noise = torch.randn(k, int(self.cfg['gan_latent_dim']),
                                          generator=torch_generator(self.seed, TAG_FIGURE, 1)).to(self.device)
 

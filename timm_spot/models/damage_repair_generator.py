@@ -121,7 +121,7 @@ def check_drop_mask(mask: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return mask.to(ref.dtype)
 
 
-def _sample_mask(
+def sample_drop_mask(
         batch_size: int,
         height: int,
         width: int,
@@ -130,7 +130,8 @@ def _sample_mask(
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Per-cell drop mask ``[B, 1, M, N]``: 0 (dropped) with probability ``theta``, else 1 (kept)."""
+    """Per-cell drop mask Omega ``[B, 1, M, N]``: 0 (dropped) with probability ``theta``, else 1 (kept).
+    The one mask sampler of the project (the model's ``sample_mask``, the trainer's figure masks)."""
     if theta < 0. or theta > 1.:
         raise ValueError(f'theta (drop rate) must be in [0, 1], got {theta}')
     u = torch.rand([batch_size, 1, height, width], generator=generator, device=device)
@@ -142,7 +143,7 @@ def _sample_mask(
 @register_notrace_function
 def sample_mask_like(ref: torch.Tensor, theta: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Drop mask for the feature ``ref`` ([B, C, M, N]): one draw per cell, on ``ref``'s device, in its dtype."""
-    return _sample_mask(ref.shape[0], ref.shape[2], ref.shape[3], theta, generator, ref.device, ref.dtype)
+    return sample_drop_mask(ref.shape[0], ref.shape[2], ref.shape[3], theta, generator, ref.device, ref.dtype)
 
 
 @register_notrace_function
@@ -152,9 +153,16 @@ def noise_like(ref: torch.Tensor, generator: Optional[torch.Generator] = None) -
     return noise.to(ref.dtype)
 
 
+def upsample_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour upsampling of the cell mask ``[B, 1, M, N]`` to ``size`` (paper eq. 2, ``U_{i-1}``; the
+    code's ``resize_nearest_neighbor``). The one mask upsampler of the project (repair blocks, kept-cell loss,
+    figures)."""
+    return F.interpolate(mask, size=size, mode='nearest')
+
+
 def _resize_mask(mask: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour upsampling of the drop mask to ``ref``'s spatial size (paper eq. 2, ``U_{i-1}``)."""
-    return F.interpolate(mask, size=ref.shape[-2:], mode='nearest')
+    """The drop mask at ``ref``'s spatial size."""
+    return upsample_mask(mask, (ref.shape[-2], ref.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,7 +504,7 @@ class DamageRepairGenerator(nn.Module):
             grid_size = (grid_size, grid_size)
         theta = self.theta if theta is None else float(theta)
         device = torch.device(device) if device is not None else None
-        return _sample_mask(batch_size, grid_size[0], grid_size[1], theta, generator, device, dtype)
+        return sample_drop_mask(batch_size, grid_size[0], grid_size[1], theta, generator, device, dtype)
 
     def damage(
             self,
