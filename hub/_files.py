@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
+from timm_spot.eval.data import file_sha256
+
 PathLike = Union[str, os.PathLike]
 
 _CHUNK = 1 << 20
@@ -22,11 +24,8 @@ LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 
 
 def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b''):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of a file (the LFS oid the Hub reports)."""
+    return file_sha256(str(path))
 
 
 def git_blob_sha1(path: PathLike) -> str:

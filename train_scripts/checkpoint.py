@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -23,11 +22,12 @@ import uuid
 import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from timm_spot.eval.data import file_sha256
+
 CHECKPOINT_DIR = 'checkpoints'
 LATEST = 'latest'
 META = 'meta.json'
 _NAME_RE = re.compile(r'^stage(\d+)_step(\d+)$')
-_CHUNK = 1 << 22
 
 
 class CheckpointError(ValueError):
@@ -153,11 +153,8 @@ def read_meta(path: str) -> Dict[str, Any]:
 
 
 def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(_CHUNK), b''):
-            h.update(block)
-    return h.hexdigest()
+    """Hex sha256 of a checkpoint file (the checksums in meta.json)."""
+    return file_sha256(path)
 
 
 def checkpoint_digests(path: str) -> Dict[str, str]:

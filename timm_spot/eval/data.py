@@ -189,15 +189,13 @@ def collate_skip_none(batch):
     return torch.utils.data.default_collate(batch)
 
 
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, streamed (huggingface_hub's own helper, the hash the Hub's LFS uses). The one
+    file-hash helper of the project: the Hub exporter and the checkpoints use it too."""
+    from huggingface_hub.utils.sha import sha_fileobj
+
     with open(path, 'rb') as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
+        return sha_fileobj(f).hex()
 
 
 def source_fingerprint(source: Optional[str]) -> str:
