@@ -42,7 +42,7 @@ from .checkpoint import (CHECKPOINT_DIR, CheckpointError, DiskFullError, RunStat
 from .data import (TAG_FIGURE, TAG_HISTORY, TAG_INIT, TAG_MASK, TAG_NOISE, TAG_TORCH, MapStyleBatches,
                    StreamingBatches, StreamPosition, dataset_length, derive_seed, figure_images, map_style_loader,
                    open_source, torch_generator)
-from .figures import figure3_rows, make_grid, save_png
+from .figure3 import figure3_rows, make_grid, save_png
 from .history import HistoryBuffer
 from .losses import (bias_parameters, decayed_parameters, discriminator_accuracies, discriminator_objective,
                      kept_cells_l2_loss, mask_accuracies, reconstruction_loss, repair_objective, scale_gradients,
