@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -94,8 +95,8 @@ def summarize(metrics_path: str, tail: float = 0.2) -> Dict[str, object]:
             out[k] = sum(vals) / len(vals)
     # the trajectory: mean of each quarter of the run (does it keep rising?)
     q = max(1, len(recs) // 4)
-    out['trajectory'] = {k: [round(sum(r.get(k, 0) for r in recs[i * q:(i + 1) * q]) / q, 3) for i in range(4)]
-                         for k in ('acc_corrupt', 'acc_real', 'mask_auc', 'c_class')}
+    out['trajectory'] = {k: [round(statistics.fmean(r[k] for r in recs[i * q:(i + 1) * q]), 3) for i in range(4)]
+                         for k in ('acc_corrupt', 'acc_real', 'mask_auc', 'c_class') if all(k in r for r in recs)}
     return out
 
 

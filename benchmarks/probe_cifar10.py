@@ -104,7 +104,6 @@ def main(argv=None) -> int:
     seeds = args.seeds if args.seeds else [args.seed]
     t0 = time.time()
     rows, timings, per_seed = {}, {}, {}
-    data = None
     for i, w in enumerate(runs):
         if w is None:
             name = f'{args.model} (random init)'

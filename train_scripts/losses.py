@@ -83,13 +83,14 @@ def kept_cells_l2_loss(x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor)
 
 def discriminator_objective(real_logits: torch.Tensor, corrupt_logits: torch.Tensor,
                             real_mask_logits: Optional[torch.Tensor], corrupt_mask_logits: Optional[torch.Tensor],
-                            corrupt_masks: torch.Tensor, class_weight: float = 1.0, mask_weight: float = 0.1
-                            ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                            corrupt_masks: Optional[torch.Tensor], class_weight: float = 1.0,
+                            mask_weight: float = 0.1) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """L_C, C's objective (paper Sec. 4.4, eq. 3 with the mask term of Sec. 4.3; docs/method.md):
     ``class_weight * CE(real vs corrupt) + mask_weight * sigmoid-CE(mask logits, Omega)`` (weight decay is added
-    by the trainer). Returns the total and its parts ``c_class``, ``c_mask``."""
+    by the trainer). No mask term without mask logits or masks (ablations g, l). Returns the total and its parts
+    ``c_class``, ``c_mask``."""
     cls = discriminator_class_loss(real_logits, corrupt_logits)
-    if mask_weight > 0 and corrupt_mask_logits is not None:
+    if mask_weight > 0 and corrupt_mask_logits is not None and corrupt_masks is not None:
         msk = mask_loss(real_mask_logits, corrupt_mask_logits, corrupt_masks)
     else:
         msk = torch.zeros((), device=real_logits.device)
@@ -119,8 +120,7 @@ def repair_objective(real_logits: torch.Tensor, corrupt_logits: torch.Tensor,
         total = adv_weight * adv + rec_weight * rec
     elif kind == 'code':
         adv = discriminator_class_loss(corrupt_logits, real_logits)  # swapped labels, mean over 2B
-        coop, _ = discriminator_objective(real_logits, corrupt_logits, real_mask_logits, corrupt_mask_logits,
-                                          mask if mask is not None else torch.ones_like(corrupt_logits),
+        coop, _ = discriminator_objective(real_logits, corrupt_logits, real_mask_logits, corrupt_mask_logits, mask,
                                           class_weight, mask_weight)
         parts['r_coop'] = coop
         total = coop + adv_weight * adv + rec_weight * rec

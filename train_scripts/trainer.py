@@ -8,7 +8,8 @@ Stage 2 (damage & repair vs. discriminator), E and D frozen (``requires_grad=Fal
 * corrupt examples: ``x_hat = R(damage(E(x), Omega), Omega)`` with a fresh mask per image and step, drop rate theta;
   half of the corrupt batch shown to C comes from the history buffer (with its masks);
 * C step: ``L_C = CE(real vs corrupt) + 0.1 * sigmoid-CE(mask logits, Omega; real: all ones) + wd``;
-* R step (after the C step, same batch, updated C): ``L_R = softplus(-C(x_hat)) + 30 * L2 on kept cells + wd``;
+* R step (after the C step, same batch, updated C): ``L_R = softplus(-C(x_hat)) + 30 * L2 on kept cells + wd``
+  (``generator_loss: code``: the authors' code's L_R, C's own losses + swapped-label CE + 30 * L2; losses.py);
 * two Adam optimizers (lr 3e-4, beta1 0.5, eps 1e-5), linear LR decay.
 
 During the R step C runs in train mode on ``[real; x_hat]`` (as the code's single forward) but its BatchNorm running
@@ -800,6 +801,21 @@ class Pretrainer:
             norms = torch._foreach_norm([p.detach() for p in decay])
             return wd * 0.5 * torch.stack(norms).float().pow(2).sum()
 
+    def update(self, stage: int, step: int, optimizer, objective: torch.Tensor, parts: Dict[str, torch.Tensor],
+               decay: List[torch.Tensor], biases: List[torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+        """One optimiser update of either network: objective + weight decay, NaN check, backward, bias-gradient
+        scaling, Adam step. Returns the detached parts with ``<prefix>_wd`` and ``<prefix>_total`` for the logs."""
+        wd = self.weight_decay_term(decay)
+        total = objective + wd
+        self.check_finite(stage, step, {**parts, f'{prefix}_wd': wd, f'{prefix}_total': total})
+        optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(total)
+        scale_gradients(biases, float(self.cfg['bias_grad_mult']))
+        optimizer.step()
+        out = {k: v.detach() for k, v in parts.items()}
+        out.update({f'{prefix}_wd': wd.detach(), f'{prefix}_total': total.detach()})
+        return out
+
     def run_stage1(self, resume_path: Optional[str]) -> None:
         step_fn = self.build_stage1()
         start = self.load_checkpoint(resume_path, 1) if resume_path else 0
@@ -826,22 +842,15 @@ class Pretrainer:
         self.run_state.frozen = {}
         self.run_state.stage = 1
         self.meters.reset()
-        ae_weight, wd, bias_mult = float(cfg['ae_loss_weight']), float(cfg['weight_decay']), float(cfg['bias_grad_mult'])
+        ae_weight = float(cfg['ae_loss_weight'])
 
         def step_fn(step: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
             lr = learning_rate(step, total, cfg)
             set_lr(optimizer, lr)
-            y = model(x)
-            rec = reconstruction_loss(y, x, ae_weight)
-            wd_loss = self.weight_decay_term(decay)
-            loss = rec + wd_loss
-            self.check_finite(1, step, {'ae_rec': rec, 'ae_wd': wd_loss, 'ae_total': loss})
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            scale_gradients(biases, bias_mult)
-            optimizer.step()
-            return {'ae_rec': rec.detach(), 'ae_mse': rec.detach() / ae_weight, 'ae_wd': wd_loss.detach(),
-                    'ae_total': loss.detach(), 'lr': torch.tensor(lr)}
+            rec = reconstruction_loss(model(x), x, ae_weight)  # Eq. (3)
+            out = self.update(1, step, optimizer, rec, {'ae_rec': rec}, decay, biases, 'ae')
+            out.update({'ae_mse': out['ae_rec'] / ae_weight, 'lr': torch.tensor(lr)})
+            return out
 
         return step_fn
 
@@ -914,7 +923,6 @@ class Pretrainer:
         theta = float(cfg['theta'])
         w_cls, w_mask = float(cfg['class_loss_weight']), float(cfg['mask_loss_weight'])
         w_adv, w_rec = float(cfg['adv_loss_weight']), float(cfg['rec_loss_weight'])
-        wd, bias_mult = float(cfg['weight_decay']), float(cfg['bias_grad_mult'])
         use_gan = cfg['generator'] == 'gan'
         generator_loss, r_lr_factor = cfg['generator_loss'], float(cfg['r_lr_factor'])
         real_is_input = cfg['real_source'] == 'input'
@@ -956,15 +964,8 @@ class Pretrainer:
                 m_real, m_corrupt = (None, None) if mask_logits is None else (mask_logits[:b], mask_logits[b:])
                 c_obj, c_parts = discriminator_objective(logits[:b], logits[b:], m_real, m_corrupt, corrupt_masks,
                                                          w_cls, w_mask)
-                c_wd = self.weight_decay_term(c_decay)
-                c_total = c_obj + c_wd
-                self.check_finite(2, step, {**c_parts, 'c_wd': c_wd, 'c_total': c_total})
-                c_opt.zero_grad(set_to_none=True)
-                acc.backward(c_total)
-                scale_gradients(c_biases, bias_mult)
-                c_opt.step()
-                out = {k: v.detach() for k, v in c_parts.items()}
-                out.update({'c_wd': c_wd.detach(), 'c_total': c_total.detach(), 'lr': torch.tensor(lr),
+                out = self.update(2, step, c_opt, c_obj, c_parts, c_decay, c_biases, 'c')
+                out.update({'lr': torch.tensor(lr),
                             'history_fraction': from_history.float().mean(),
                             'logit_real': logits[:b].detach().float().mean(),
                             'logit_corrupt': logits[b:].detach().float().mean()})
@@ -992,17 +993,9 @@ class Pretrainer:
                         r_obj, r_parts = repair_objective(r_logits[:b], r_logits[b:], rm_real, rm_corrupt, x_hat, x,
                                                           None if use_gan else mask, generator_loss, w_adv, w_rec,
                                                           w_cls, w_mask)
-                        r_wd = self.weight_decay_term(r_decay)
-                        r_total = r_obj + r_wd
-                        self.check_finite(2, step, {**r_parts, 'r_wd': r_wd, 'r_total': r_total})
-                        r_opt.zero_grad(set_to_none=True)
-                        acc.backward(r_total)
-                        scale_gradients(r_biases, bias_mult)
-                        r_opt.step()
+                        out.update(self.update(2, step, r_opt, r_obj, r_parts, r_decay, r_biases, 'r'))
                     finally:
                         disc.requires_grad_(True)
-                    out.update({k: v.detach() for k, v in r_parts.items()})
-                    out.update({'r_wd': r_wd.detach(), 'r_total': r_total.detach()})
                 elif not use_gan:  # no repair network (ablation k): the kept-cell L2 as a monitor only
                     with torch.no_grad():
                         out['r_rec'] = kept_cells_l2_loss(x_hat, x, mask)

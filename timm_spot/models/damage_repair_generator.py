@@ -517,7 +517,7 @@ class DamageRepairGenerator(nn.Module):
         ``fill='avg'``: 3x3, stride 1 'SAME' average pool of phi (TF excludes the padding at the borders);
         ``fill='noise'``: standard normal noise (``generator`` makes it reproducible).
         """
-        mask = check_drop_mask(mask, phi).to(phi.dtype)  # a float32 mask would promote a bf16 phi to float32
+        mask = check_drop_mask(mask, phi)
         if self.fill == 'noise':
             fill = noise_like(phi, generator)
         else:
