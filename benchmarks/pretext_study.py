@@ -45,6 +45,10 @@ VARIANTS: Dict[str, tuple] = {
     'r_lr_01': ({'r_lr_factor': 0.1}, "R's learning rate 0.1x C's"),
     'no_repair': ({'repair': 'none'}, 'no repair network (ablation (k)): the task without an adversary'),
     'theta01': ({'theta': 0.1}, 'drop rate 0.1 (Table 1 (c))'),
+    # numerics of the fast default (issue: bf16 must track float32 from the same seed)
+    'fp32': ({'mixed_precision': 'no', 'channels_last': False}, 'float32, NCHW (the reference numerics)'),
+    'bf16': ({'mixed_precision': 'bf16', 'channels_last': True}, 'bf16 autocast + channels-last (the CPU default '
+                                                                 'where AVX512-BF16/AMX exist)'),
 }
 
 SUMMARY_KEYS = ('acc_real', 'acc_corrupt', 'mask_auc', 'mask_recall_dropped', 'mask_acc', 'c_class', 'logit_real',
