@@ -43,6 +43,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import safetensors.torch
 import torch
 
+from timm_spot.run_layout import MODEL_NAMES, RunLayout
+
 from ._files import (PathLike, canonicalize_safetensors, describe_files, public_data_source, read_safetensors_header,
                      sha256_file)
 from .card import normalize_results, render_card
@@ -52,7 +54,6 @@ __all__ = [
     'registry_report', 'canonical_config_hash', 'public_data_source',
 ]
 
-MODEL_NAMES = ('alexnet_spot', 'alexnet_spot_discriminator', 'damage_repair_generator')
 PRETEXT_MODELS = ('alexnet_spot_discriminator', 'damage_repair_generator')
 # bfloat16 storage of the pretext models: the largest output difference against float32 weights on fixed inputs
 # (seeded images in [-1, 1] at the release's size) that an export accepts. Discriminator: the real/corrupt and the
@@ -135,7 +136,7 @@ class RunInfo:
     metrics: Dict[str, Any] = field(default_factory=dict)
 
     def weights_file(self, name: str) -> Path:
-        return self.path / f'{name}.safetensors'
+        return RunLayout(self.path).weights(name)
 
     def available_models(self) -> List[str]:
         return [n for n in MODEL_NAMES if self.weights_file(n).is_file()]
@@ -170,7 +171,8 @@ def load_run(run_dir: PathLike) -> RunInfo:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f'run directory not found: {run_dir}')
-    args_path = run_dir / 'model_args.json'
+    layout = RunLayout(run_dir)
+    args_path = layout.model_args
     model_args: Dict[str, Dict[str, Any]] = {}
     args_img_size = None
     if args_path.is_file():
@@ -181,9 +183,9 @@ def load_run(run_dir: PathLike) -> RunInfo:
         model_args = {k: v for k, v in raw.items() if isinstance(v, dict)}
         args_img_size = _as_img_size(raw.get('img_size'))
     config = config_path = config_sha = None
-    for cand in ('config.yaml', 'config.yml'):
-        if (run_dir / cand).is_file():
-            config_path = run_dir / cand
+    for cand in (layout.config, layout.config.with_suffix('.yml')):
+        if cand.is_file():
+            config_path = cand
             config = yaml.safe_load(config_path.read_text(encoding='utf-8'))
             config_sha = canonical_config_hash(config)
             break
@@ -203,7 +205,7 @@ def load_run(run_dir: PathLike) -> RunInfo:
         run_name=run_name or run_dir.resolve().name,
         img_size=img_size,
         data_source=data_source,
-        metrics=_summarize_metrics(run_dir / 'metrics.jsonl'),
+        metrics=_summarize_metrics(layout.metrics),
     )
 
 

@@ -139,9 +139,9 @@ def test_stage2_overwrite_checks_the_stage1_generator_first(finished_run, tmp_pa
 def test_demo_overwrite_does_not_leak_into_other_output_dirs(tmp_path):
     """demo.yaml's 'start afresh' applies only to the demo's own dir (runs/demo), not to any --output-dir, and a
     saved config.yaml never carries overwrite: true."""
-    assert config_from_args([])[0]['overwrite'] is True  # plain `python train_scripts/pretrain.py`
-    assert config_from_args(['--output-dir', str(tmp_path / 'mine')])[0]['overwrite'] is False
-    assert config_from_args(['--output-dir', str(tmp_path / 'mine'), '--overwrite'])[0]['overwrite'] is True
+    assert config_from_args([])[0].run.overwrite is True  # plain `python train_scripts/pretrain.py`
+    assert config_from_args(['--output-dir', str(tmp_path / 'mine')])[0].run.overwrite is False
+    assert config_from_args(['--output-dir', str(tmp_path / 'mine'), '--overwrite'])[0].run.overwrite is True
     assert C.load_yaml(C.DEMO_CONFIG).get('overwrite') in (None, False)
 
 
@@ -164,7 +164,7 @@ def test_overwrite_keeps_the_earlier_run_aside_when_the_new_one_fails(finished_r
 
     def boom(self, *a, **k):
         raise KeyboardInterrupt  # killed before its first checkpoint
-    monkeypatch.setattr(trainer.Pretrainer, 'run_stage1', boom)
+    monkeypatch.setattr(trainer.Pretrainer, 'run_stage', boom)
     with pytest.raises(KeyboardInterrupt):
         main(['--config', cfg, '--output-dir', str(out), '--overwrite'])
     aside = [p for p in out.iterdir() if p.name.startswith('.replaced-')]
@@ -182,18 +182,16 @@ class _Evil:
 
 def test_rank_state_is_never_unpickled(tmp_path, monkeypatch):
     """A crafted rank_state_0.pt ran os.system on --resume (weights_only=False)."""
-    from train_scripts.checkpoint import RunState
+    from train_scripts.checkpoint import load_process_state
 
     marker = tmp_path / 'pwned'
     monkeypatch.setenv('TIMM_SPOT_EVIL_MARKER', str(marker))
     ckpt = tmp_path / 'ckpt'
     ckpt.mkdir()
     torch.save({'history': _Evil()}, str(ckpt / 'rank_state_0.pt'))
-    state = RunState(0, 1)
-    state.load_dir = str(ckpt)
     error = None
     try:
-        state.load_state_dict({'world_size': 1, 'stage': 1, 'step': 1, 'frozen': {}})
+        load_process_state(str(ckpt), 0)
     except Exception as e:  # noqa: BLE001
         error = e
     assert not marker.exists()  # no code ran
@@ -315,8 +313,8 @@ def test_wrong_typed_config_values_name_the_key(override, key):
 
 
 def test_numbers_quoted_by_yaml_still_work():
-    assert C.resolve({'lr': '3e-4'})['lr'] == pytest.approx(3e-4)  # PyYAML reads 3e-4 as a string
-    assert C.resolve({'history': False})['history'] is False
+    assert C.resolve({'lr': '3e-4'}).optim.lr == pytest.approx(3e-4)  # PyYAML reads 3e-4 as a string
+    assert C.resolve({'history': False}).method.history is False
 
 
 @pytest.mark.parametrize('argv,words', [

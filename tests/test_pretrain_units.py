@@ -21,11 +21,12 @@ from train_scripts import config as C
 from train_scripts import losses as L
 from train_scripts.checkpoint import (atomic_save_safetensors, atomic_write, atomic_write_text, clean_partial,
                                       list_checkpoints, read_latest)
-from train_scripts.data import (MapStyleBatches, StreamingBatches, StreamPosition, crop_params, open_source,
-                                eval_transform, train_transform)
+from train_scripts.batches import (MapStyleBatches, StreamingBatches, StreamPosition, crop_params, figure_crop,
+                                   open_source, train_transform)
 from train_scripts.gan import DCGANGenerator
 from train_scripts.history import HistoryBuffer
-from train_scripts.trainer import learning_rate, preserved_batchnorm_stats
+from train_scripts.optim import learning_rate
+from train_scripts.stages import preserved_batchnorm_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,16 +121,16 @@ def test_decayed_parameters_cover_conv_linear_not_batchnorm():
 
 
 def test_lr_schedules():
-    cfg = dict(C.DEFAULTS)
+    cfg = C.resolve({}).optim
     assert learning_rate(0, 1000, cfg) == pytest.approx(3e-4)
     assert learning_rate(500, 1000, cfg) == pytest.approx((3e-4 + 3e-6) / 2)
     assert learning_rate(1000, 1000, cfg) == pytest.approx(3e-6)
-    cfg['lr_schedule'] = 'code'
+    cfg.lr_schedule = 'code'
     assert learning_rate(0, 1000, cfg) == pytest.approx(3e-4)
     assert learning_rate(450, 1000, cfg) == pytest.approx((3e-4 + 3e-6) / 2)
     assert learning_rate(900, 1000, cfg) == pytest.approx(3e-6)
     assert learning_rate(999, 1000, cfg) == pytest.approx(3e-6)
-    cfg['lr_schedule'] = 'constant'
+    cfg.lr_schedule = 'constant'
     assert learning_rate(999, 1000, cfg) == 3e-4
 
 
@@ -193,7 +194,7 @@ def test_history_disabled_is_identity():
 # ------------------------------------------------------------------------------------------------ config
 def test_ablation_presets_map_to_model_and_loss_switches():
     base = C.resolve({})
-    assert base['theta'] == 0.7 and base['history'] and base['real_source'] == 'autoencoded'
+    assert base.method.theta == 0.7 and base.method.history and base.method.real_source == 'autoencoded'
     expect = {
         'baseline': {'theta': 0.5}, 'a': {'real_source': 'input'}, 'b': {'repair': 'local'}, 'c': {'theta': 0.1},
         'd': {'theta': 0.3}, 'e': {'theta': 0.7}, 'f': {'theta': 0.9}, 'g': {'mask_loss_weight': 0.0},
@@ -201,18 +202,18 @@ def test_ablation_presets_map_to_model_and_loss_switches():
         'l': {'generator': 'gan', 'mask_loss_weight': 0.0},
     }
     for name, keys in expect.items():
-        cfg = C.resolve({'ablation': name})
+        cfg = C.resolve({'ablation': name}).to_flat()
         for k, v in keys.items():
             assert cfg[k] == v, (name, k)
         if name not in ('c', 'd', 'e', 'f'):
             assert cfg['theta'] == 0.5, name
-    assert C.generator_kwargs(C.resolve({'ablation': 'h'}))['encoder_kernel_size'] == 3
-    assert C.generator_kwargs(C.resolve({'ablation': 'i'}))['gate'] is False
-    assert C.generator_kwargs(C.resolve({'ablation': 'b'}))['repair'] == 'local'
-    assert C.discriminator_kwargs(C.resolve({'ablation': 'g'}))['mask_head'] is False
-    assert C.discriminator_kwargs(C.resolve({'img_size': 96}))['head_kernel_size'] == 6
+    assert C.resolve({'ablation': 'h'}).generator_kwargs()['encoder_kernel_size'] == 3
+    assert C.resolve({'ablation': 'i'}).generator_kwargs()['gate'] is False
+    assert C.resolve({'ablation': 'b'}).generator_kwargs()['repair'] == 'local'
+    assert C.resolve({'ablation': 'g'}).discriminator_kwargs()['mask_head'] is False
+    assert C.resolve({'img_size': 96}).discriminator_kwargs()['head_kernel_size'] == 6
     # explicit keys win over the preset
-    assert C.resolve({'ablation': 'c', 'theta': 0.2})['theta'] == 0.2
+    assert C.resolve({'ablation': 'c', 'theta': 0.2}).method.theta == 0.2
 
 
 def test_config_errors_name_the_key():
@@ -229,8 +230,8 @@ def test_config_errors_name_the_key():
 def test_shipped_configs_resolve():
     for name in ('demo', 'imagenet', 'stl10', 'cifar10_64'):
         cfg = C.resolve(C.load_yaml(str(REPO / 'train_scripts' / 'configs' / f'{name}.yaml')))
-        assert cfg['img_size'] % 16 == 0
-    assert C.resolve(C.load_yaml(str(REPO / 'train_scripts' / 'configs' / 'imagenet.yaml')))['img_size'] == 128
+        assert cfg.augment.img_size % 16 == 0
+    assert C.resolve(C.load_yaml(str(REPO / 'train_scripts' / 'configs' / 'imagenet.yaml'))).augment.img_size == 128
 
 
 def test_cli_parsing_flags_and_set():
@@ -238,8 +239,8 @@ def test_cli_parsing_flags_and_set():
 
     cfg, _ = config_from_args(['--img-size', '48', '--set', 'theta=0.3', 'history=false', '--stage', '1',
                                '--ablation', 'b'])
-    assert cfg['img_size'] == 48 and cfg['theta'] == 0.3 and cfg['history'] is False and cfg['stage'] == '1'
-    assert cfg['repair'] == 'local' and cfg['data'] == 'builtin'  # demo.yaml is the default base
+    assert cfg.augment.img_size == 48 and cfg.method.theta == 0.3 and cfg.method.history is False
+    assert cfg.schedule.stage == '1' and cfg.method.repair == 'local' and cfg.data.data == 'builtin'  # demo.yaml is the default base
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -258,11 +259,11 @@ def _small_cfg(**kw):
 def test_train_transform_range_shape_and_determinism():
     cfg = _small_cfg(img_size=64)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))  # CIFAR-sized
-    a = train_transform(image, cfg, np.random.default_rng(5))
-    b = train_transform(image, cfg, np.random.default_rng(5))
+    a = train_transform(image, cfg.augment, np.random.default_rng(5))
+    b = train_transform(image, cfg.augment, np.random.default_rng(5))
     assert a.shape == (3, 64, 64) and a.min() >= -1 and a.max() <= 1  # 32-px image upsampled to 64
     assert torch.equal(a, b)
-    t = eval_transform(image, 64)
+    t = figure_crop(image, 64)
     assert t.shape == (3, 64, 64)
     rng = np.random.default_rng(1)
     for _ in range(50):
@@ -297,7 +298,7 @@ def test_unreadable_image_in_parquet_is_skipped_and_counted(tmp_path):
     path = tmp_path / 'bad.parquet'
     datasets.Dataset.from_dict({'image': rows}, features=feats).to_parquet(str(path))
     cfg = _small_cfg(data=str(path), batch_size=4)
-    ds = open_source(cfg)
+    ds = open_source(cfg.data)
     batches = MapStyleBatches(ds, cfg, stage=1, rank=0, world=1, num_steps=1)
     images, skipped, indices = batches[0]
     assert skipped == [2] and 2 not in indices.tolist() and images.shape == (4, 3, 32, 32)  # the row, once
@@ -309,7 +310,7 @@ def test_unreadable_image_in_folder_is_skipped_and_counted(tmp_path):
         Image.new('RGB', (20, 20), (i * 50, 0, 0)).save(tmp_path / f'ok{i}.png')
     (tmp_path / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
     cfg = _small_cfg(data=str(tmp_path), batch_size=4)
-    ds = open_source(cfg)
+    ds = open_source(cfg.data)
     assert len(ds) == 4
     images, skipped, indices = MapStyleBatches(ds, cfg, stage=1, rank=0, world=1, num_steps=1)[0]
     assert len(skipped) == 1 and images.shape[0] == 4
@@ -320,7 +321,7 @@ def test_missing_image_column_error_names_it(tmp_path):
     path = tmp_path / 'x.parquet'
     datasets.Dataset.from_dict({'picture': [_png_bytes((1, 2, 3))]}).to_parquet(str(path))
     with pytest.raises(ValueError, match="'image'"):
-        open_source(_small_cfg(data=str(path)))
+        open_source(_small_cfg(data=str(path)).data)
 
 
 def test_streaming_batches_resume_from_position():
@@ -408,7 +409,7 @@ def test_discriminator_learns_real_vs_corrupt_above_chance():
 
     torch.manual_seed(0)
     ds = builtin_sample_images()
-    real = torch.stack([eval_transform(decode_image(ds[i]['image']), 32) for i in range(8)])
+    real = torch.stack([figure_crop(decode_image(ds[i]['image']), 32) for i in range(8)])
     g = torch.Generator().manual_seed(1)
     omega = (torch.rand(8, 1, 2, 2, generator=g) >= 0.5).float()
     omega[:, :, 0, 0] = 0  # at least one damaged cell per image
@@ -459,8 +460,47 @@ def test_holdout_rows_are_left_out_of_pretraining(tmp_path):
     feats = datasets.Features({'image': datasets.Image(decode=False), 'label': datasets.Value('int64')})
     path = tmp_path / 'labelled.parquet'
     datasets.Dataset.from_dict({'image': rows, 'label': labels}, features=feats).to_parquet(str(path))
-    ds = open_source(_small_cfg(data=str(path), holdout_per_class=1))
+    ds = open_source(_small_cfg(data=str(path), holdout_per_class=1).data)
     assert len(ds) == 9
     assert sorted(r['path'] for r in ds['image']) == sorted(f'row{i}.png' for i in range(9))
     with pytest.raises(ValueError, match="label column 'class' not found"):
-        open_source(_small_cfg(data=str(path), holdout_per_class=1, holdout_label_column='class'))
+        open_source(_small_cfg(data=str(path), holdout_per_class=1, holdout_label_column='class').data)
+
+
+def test_typed_config_round_trips_and_every_key_has_one_section():
+    """Flat keys (files, --set) <-> the typed sections: each key lives in exactly one section, a config rebuilt from
+    its flat form is equal, and values come back typed (a YAML-quoted number is a float, stage 2 is '2')."""
+    import dataclasses
+
+    seen = [f.name for _, section in C.SECTIONS for f in dataclasses.fields(section)]
+    assert len(seen) == len(set(seen)) == len(C.DEFAULTS)
+    cfg = C.resolve({'lr': '1e-3', 'stage': 2, 'gen_widths': [8, 16, 32, 64], 'resume': True, 'ablation': 'j'})
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.schedule.stage == '2' and cfg.stages == [2]
+    assert cfg.run.resume == 'latest' and cfg.method.history is False and cfg.method.theta == 0.5
+    assert C.PretrainConfig.from_flat(cfg.to_flat()) == cfg
+    assert cfg.replace(theta=0.3).method.theta == 0.3 and cfg.method.theta == 0.5  # a copy, validated
+    with pytest.raises(C.ConfigError, match='theta'):
+        cfg.replace(theta=2.0)
+    assert C.resolve({'generator': 'gan', 'real_source': 'input'}).needs_autoencoder is False
+    assert C.resolve({'img_size': 96}).grid == (6, 6)
+    text = C.format_keys_help()
+    assert all(f'  {k} (default' in text for k in C.DEFAULTS)
+
+
+def test_generator_sets_the_modes_of_each_pretraining_stage():
+    """Stage 1 trains E, D, to_rgb; stage 2 freezes them (no gradients, BatchNorm in eval) and trains R."""
+    import timm
+    import timm_spot  # noqa: F401
+
+    gen = timm.create_model('damage_repair_generator', stem_width=8, widths=(8, 8, 8, 8))
+    ae = {id(p) for p in gen.autoencoder_parameters()}
+    gen.set_pretraining_stage(1)
+    assert all(p.requires_grad == (id(p) in ae) for p in gen.parameters())
+    assert all(m.training for m in gen.modules())
+    gen.set_pretraining_stage(2)
+    assert all(p.requires_grad == (id(p) not in ae) for p in gen.parameters())
+    assert not any(m.training for part in (gen.encoder, gen.decoder, gen.to_rgb) for m in part.modules())
+    assert all(m.training for m in gen.repair.modules())
+    with pytest.raises(ValueError, match='stage'):
+        gen.set_pretraining_stage(3)

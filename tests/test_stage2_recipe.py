@@ -18,7 +18,7 @@ import timm
 import timm_spot  # noqa: F401
 from train_scripts import config as C
 from train_scripts import losses as L
-from train_scripts.trainer import RepairStep
+from train_scripts.corrupt import RepairStep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,14 +122,14 @@ def test_shared_encoder_gives_the_same_images():
 
 
 def test_precision_and_thread_defaults(monkeypatch):
-    cfg = C.resolve({})
-    assert cfg['mixed_precision'] == 'auto' and cfg['channels_last'] == 'auto'
+    cfg = C.resolve({}).run
+    assert cfg.mixed_precision == 'auto' and cfg.channels_last == 'auto'
     monkeypatch.setattr(C, 'cpu_has_fast_bf16', lambda: True)
     assert C.resolve_precision(cfg, 'cpu') == ('bf16', True)
     monkeypatch.setattr(C, 'cpu_has_fast_bf16', lambda: False)
     assert C.resolve_precision(cfg, 'cpu') == ('no', False)
-    assert C.resolve_precision(C.resolve({'mixed_precision': 'no', 'channels_last': True}), 'cpu') == ('no', True)
-    assert C.resolve_precision(C.resolve({'mixed_precision': 'bf16', 'channels_last': False}), 'cpu') == \
+    assert C.resolve_precision(C.resolve({'mixed_precision': 'no', 'channels_last': True}).run, 'cpu') == ('no', True)
+    assert C.resolve_precision(C.resolve({'mixed_precision': 'bf16', 'channels_last': False}).run, 'cpu') == \
         ('bf16', False)
     monkeypatch.setattr('os.getloadavg', lambda: (1.2, 0, 0))
     monkeypatch.setattr('os.sched_getaffinity', lambda pid: {0, 1})

@@ -2,13 +2,14 @@
 """Training throughput of the two pretraining stages (images/s): the trainer's own step functions, timed.
 
 Each variant builds a :class:`~train_scripts.trainer.Pretrainer` with the variant's settings (in a fresh process:
-Accelerate's precision is process-wide), then times ``build_stage1()`` and ``build_stage2()``'s step functions on
+Accelerate's precision is process-wide), then times the stages' own ``Stage1.step`` and ``Stage2.step`` (stages.py) on
 synthetic images in [-1, 1] (history buffer, both objectives, weight decay, NaN check and Adam included; data
 loading is not: it runs in worker processes, about 1,000 images/s per worker at 64 px). ``--warmup`` untimed steps,
 then ``--iters`` timed ones; images/s = batch / median step time.
 
 Variants: ``eager`` (float32, NCHW), ``channels_last``, ``bf16`` (autocast, NCHW), ``bf16_cl`` (autocast +
-channels_last), ``default`` (what ``pretrain.py`` runs by default on this machine: config 'auto').
+channels_last), ``default`` (what ``pretrain.py`` runs by default on this machine: config 'auto'), ``compile`` (the
+default with ``compile: true``: torch.compile of the prepared forwards).
 
     python train_scripts/benchmark.py --img-size 64 --batch-size 32 --threads 2 --variants eager,default --json F
     python train_scripts/benchmark.py --variants default --profile 5   # + per-phase and top-op tables
@@ -37,6 +38,7 @@ VARIANTS = {
     'bf16': dict(mixed_precision='bf16', channels_last=False),
     'bf16_cl': dict(mixed_precision='bf16', channels_last=True),
     'default': {},
+    'compile': dict(compile=True),
 }
 
 
@@ -92,24 +94,21 @@ def worker(args) -> dict:
         trainer.stage_totals = {1: 10 ** 6, 2: 10 ** 6}
         trainer.generator = trainer.create_generator()
         g = torch.Generator().manual_seed(0)
-        x = (torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g) * 2 - 1).to(device)
-        if trainer.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = trainer.memory_format((torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g) * 2 - 1)
+                                  .to(device))
         out = {'mixed_precision': trainer.mixed_precision, 'channels_last': trainer.channels_last,
                'threads': torch.get_num_threads()}
         profiles = []
-        for stage in (1, 2):
-            if stage == 1:
-                step_fn = trainer.build_stage1()
-            else:
-                step_fn, set_modes, _ = trainer.build_stage2()
-                set_modes()
+        for number in (1, 2):
+            stage = trainer.build_stage(number)
+            stage.set_modes()
+            step_fn = stage.step
             times = time_steps(step_fn, x, args.warmup, args.iters, device)
             med = statistics.median(times)
-            out[f'stage{stage}'] = {'img_per_s': args.batch_size / med, 'median_s': med,
+            out[f'stage{number}'] = {'img_per_s': args.batch_size / med, 'median_s': med,
                                     'times_s': [round(t, 4) for t in times]}
             if args.profile:
-                profiles.append(profile_steps(step_fn, x, args.profile, f'{args.variant} stage {stage}'))
+                profiles.append(profile_steps(step_fn, x, args.profile, f'{args.variant} stage {number}'))
         if profiles:
             out['profile'] = '\n'.join(profiles)
     return out

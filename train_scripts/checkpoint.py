@@ -6,10 +6,9 @@
 * A checkpoint is ``accelerator.save_state`` into ``checkpoints/.tmp-<name>``, fsynced and renamed to
   ``checkpoints/<name>`` (``stage<s>_step<n>``); ``checkpoints/latest`` (JSON) is updated last. Resume reads
   ``latest`` and ignores ``.tmp-*`` leftovers.
-* :class:`RunState` is registered with ``accelerator.register_for_checkpointing``: the global position (stage,
-  step) and frozen modules go into Accelerate's ``custom_checkpoint_*.pkl``; per-process state (history buffer,
-  stream position, metric accumulators) goes into ``rank_state_<r>.pt`` beside it, because Accelerate saves
-  custom objects from the main process only.
+* Beside Accelerate's files, saved and loaded explicitly: ``rank_state_<r>.pt``, each process's own state (history
+  buffer, stream position, metric sums), and ``frozen_<name>.safetensors``, modules Accelerate did not prepare
+  (the frozen autoencoder). The position (stage, step) is in ``meta.json``.
 """
 from __future__ import annotations
 
@@ -21,6 +20,9 @@ import shutil
 import uuid
 import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from timm_spot.eval.data import file_sha256
 
@@ -92,15 +94,11 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_save_safetensors(state_dict: Dict[str, Any], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
     """``safetensors.torch.save_file`` of contiguous CPU copies, atomically."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {'format': 'pt'}))
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    import torch
-
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -324,9 +322,16 @@ def _fsync_tree(path: str) -> None:
         fsync_path(dirpath)
 
 
-def save_checkpoint(accelerator, run_state: 'RunState', root: str, stage: int, step: int, keep: int,
-                    meta: Dict[str, Any]) -> str:
-    """``accelerator.save_state`` into a temporary dir, then rename and update ``latest`` (all processes call)."""
+PROCESS_STATE = 'rank_state_{rank}.pt'
+FROZEN = 'frozen_{name}.safetensors'
+
+
+def save_checkpoint(accelerator, root: str, stage: int, step: int, keep: int, meta: Dict[str, Any],
+                    process_state: Dict[str, Any], frozen: Dict[str, Any]) -> str:
+    """Write checkpoint ``stage<s>_step<n>`` (all processes call): ``accelerator.save_state`` (prepared models,
+    optimizers, RNG states), this process's ``process_state`` (:func:`save_process_state`), the ``frozen`` modules
+    (not prepared by Accelerate: main process, safetensors) and ``meta.json`` (stage, step, checksums), into a
+    temporary dir renamed into place; then ``latest`` is updated and old checkpoints beyond ``keep`` deleted."""
     name = checkpoint_name(stage, step)
     final = os.path.join(root, name)
     tmp = os.path.join(root, f'.tmp-{name}')
@@ -335,16 +340,16 @@ def save_checkpoint(accelerator, run_state: 'RunState', root: str, stage: int, s
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
-    run_state.stage, run_state.step = stage, step
-    run_state.save_dir = tmp
     try:
         accelerator.save_state(tmp)
+        save_process_state(tmp, accelerator.process_index, process_state)
+        if accelerator.is_main_process:
+            for module_name, module in frozen.items():
+                save_frozen(tmp, module_name, module)
     except BaseException:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes space
         raise
-    finally:
-        run_state.save_dir = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
@@ -370,60 +375,42 @@ def save_checkpoint(accelerator, run_state: 'RunState', root: str, stage: int, s
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The registered checkpoint object
+# What Accelerate does not save: per-process state and frozen modules
 # ----------------------------------------------------------------------------------------------------------------
 
-class RunState:
-    """Position of the run plus everything that is not a prepared model/optimizer (see module doc)."""
+def save_process_state(directory: str, rank: int, state: Dict[str, Any]) -> None:
+    """One process's state (history buffer, stream position, metric sums: plain tensors, numbers, lists), saved by
+    every process itself (Accelerate saves custom objects from the main process only)."""
+    with open(os.path.join(directory, PROCESS_STATE.format(rank=rank)), 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
 
-    def __init__(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
-        self.stage, self.step = 1, 0
-        self.local: Dict[str, Any] = {}  # name -> object with state_dict() / load_state_dict(): per process
-        self.frozen: Dict[str, Any] = {}  # name -> nn.Module not prepared by Accelerate (saved by the main process)
-        self.device = None
-        self.save_dir: Optional[str] = None
-        self.load_dir: Optional[str] = None
 
-    def state_dict(self) -> Dict[str, Any]:
-        import torch
+def load_process_state(directory: str, rank: int) -> Dict[str, Any]:
+    """The state :func:`save_process_state` wrote, with ``weights_only=True``: it never runs code from the file."""
+    path = os.path.join(directory, PROCESS_STATE.format(rank=rank))
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001  (truncated file, or one holding objects beyond tensors)
+        raise CheckpointError(f'checkpoint {directory}: cannot load {os.path.basename(path)}: '
+                              f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
 
-        if self.save_dir is None:
-            raise RuntimeError('RunState.state_dict() is only called through save_checkpoint()')
-        local = {name: obj.state_dict() for name, obj in self.local.items()}
-        path = os.path.join(self.save_dir, f'rank_state_{self.rank}.pt')
-        with open(path, 'wb') as f:
-            torch.save(local, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return {
-            'format': 1, 'stage': self.stage, 'step': self.step, 'world_size': self.world,
-            'frozen': {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-                       for name, m in self.frozen.items()},
-        }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        import torch
+def save_frozen(directory: str, name: str, module) -> None:
+    """A module that is not trained in this stage (so not prepared by Accelerate), e.g. the frozen autoencoder."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(state, os.path.join(directory, FROZEN.format(name=name)))
 
-        if self.load_dir is None:
-            raise RuntimeError('RunState.load_state_dict() is only called through the trainer\'s resume')
-        if int(state['world_size']) != self.world:
-            raise CheckpointError(f"checkpoint was written by {state['world_size']} processes, this run has {self.world}; "
-                               f'resume with the same number of processes')
-        self.stage, self.step = int(state['stage']), int(state['step'])
-        for name, module in self.frozen.items():
-            if name in state['frozen']:
-                module.load_state_dict(state['frozen'][name])
-        path = os.path.join(self.load_dir, f'rank_state_{self.rank}.pt')
-        try:
-            # plain tensors, dicts and numbers only: weights_only=True never runs code from the file
-            local = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:  # noqa: BLE001  (truncated file, or one holding objects beyond tensors)
-            raise CheckpointError(f'checkpoint {self.load_dir}: cannot load {os.path.basename(path)}: '
-                                  f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
-        for name, obj in self.local.items():
-            if name in local:
-                if name == 'history':
-                    obj.load_state_dict(local[name], device=self.device)
-                else:
-                    obj.load_state_dict(local[name])
+
+def load_frozen(directory: str, name: str, module) -> None:
+    """Load :func:`save_frozen`'s file into ``module`` (strict: a mismatch names the checkpoint)."""
+    path = os.path.join(directory, FROZEN.format(name=name))
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {directory} lacks {os.path.basename(path)} (the frozen {name}); it was '
+                              f'written by another version or another configuration')
+    try:
+        module.load_state_dict(load_file(path, device='cpu'))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f'checkpoint {directory}: {os.path.basename(path)} does not fit the {name}: '
+                              f'{str(e).strip().splitlines()[0][:300]}') from None

@@ -1,137 +1,393 @@
-"""Configuration of the pretraining run: defaults, Table 1 ablation presets, YAML files and CLI overrides.
+"""The pretraining configuration: one typed, validated object (:class:`PretrainConfig`) built from flat keys.
 
-Resolution order (later wins): ``DEFAULTS`` -> ablation preset (if ``ablation`` is set anywhere) -> YAML
-config file -> ``--set key=value`` / dedicated CLI flags. Values of ``--set`` are parsed as YAML
-(``--set gen_widths=[8,16,32,64] --set history=false``). Unknown keys are an error (with a suggestion).
+Files and the command line use flat keys (``img_size: 64``, ``--set theta=0.5``); the trainer reads typed sections
+(``cfg.augment.img_size``, ``cfg.method.theta``). Resolution order (later wins): defaults -> ablation preset (if
+``ablation`` is set anywhere) -> YAML config file -> ``--set key=value`` / dedicated CLI flags. Values of ``--set``
+are parsed as YAML (``--set gen_widths=[8,16,32,64] --set history=false``). Unknown keys are an error (with a
+suggestion); every value is checked once, against its field's type and range, when the object is built.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import math
 import os
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 DEMO_CONFIG = os.path.join(CONFIG_DIR, 'demo.yaml')
 
-# (key, default, help). The defaults are the paper's ImageNet recipe (spec sections 2-10); configs/*.yaml
-# specialise them. Grouped for --help.
-_SPEC: List[Tuple[str, Any, str]] = [
-    # --- data
-    ('data', 'builtin', "image source: 'builtin' (scikit-image photos), a folder, Parquet/Arrow file or glob "
-                        "(relative paths resolve against the current dir), or a Hugging Face Hub dataset id"),
-    ('split', 'train', 'dataset split (local files: train)'),
-    ('streaming', False, 'stream the dataset (Hub ids); sharded per process with split_dataset_by_node'),
-    ('image_column', 'image', 'column holding the images'),
-    ('dataset_size', None, 'streaming only: images per epoch (to turn epochs into steps); null = from the '
-                           'dataset info'),
-    ('shuffle_buffer', 10000, 'streaming only: shuffle buffer size'),
-    ('holdout_per_class', None, 'leave out the LAST n images of every class (timm_spot.data.holdout_split), so '
-                                'a probe validation set is never seen in pretraining; needs holdout_label_column'),
-    ('holdout_label_column', 'label', 'label column used only to find the held-out rows (labels are not trained on)'),
-    ('img_size', 128, 'training crop size in px (multiple of 16: the drop-mask / conv5 grid is img_size/16)'),
-    ('crop_scale', [0.333, 1.0], 'random-resized-crop area range (fraction of the image)'),
-    ('crop_ratio', [0.75, 1.33], 'random-resized-crop aspect-ratio range'),
-    ('interpolation', 'random', "resize: 'random' (bilinear or bicubic at random, as the code), 'bilinear', "
-                                "'bicubic'"),
-    ('antialias', True, 'antialias when a crop is downscaled (TF1 resize does not)'),
-    ('hflip', True, 'random horizontal flip'),
-    ('color_jitter', True, 'brightness +-32/255 and saturation x[0.5, 1.5] in random order (code: on)'),
-    ('num_workers', 2, 'data-loading worker processes (threads when streaming); 0 = in the main process'),
-    # --- schedule
-    ('stage', 'both', "which stages to run: 1 (autoencoder), 2 (damage & repair vs discriminator) or both"),
-    ('batch_size', 64, 'images per process per step (global batch = batch_size x processes)'),
-    ('stage1_epochs', 80, 'stage-1 length in epochs (used when stage1_steps is null)'),
-    ('stage2_epochs', 150, 'stage-2 length in epochs (used when stage2_steps is null)'),
-    ('stage1_steps', None, 'stage-1 length in optimisation steps (overrides stage1_epochs)'),
-    ('stage2_steps', None, 'stage-2 length in optimisation steps (overrides stage2_epochs)'),
-    ('max_steps', None, 'stop each stage after this many steps (tests / smoke runs); the LR schedule still '
-                        'spans the full stage, so a limited run is a prefix of the full one'),
-    # --- optimisation
-    ('lr', 3e-4, 'Adam learning rate (both stages, both networks)'),
-    ('lr_schedule', 'paper', "'paper': linear to lr*lr_end_factor at the end; 'code': polynomial (power 1) to "
-                             "lr*lr_end_factor over the first 90% of steps, then constant; 'constant'"),
-    ('lr_end_factor', 0.01, 'final LR as a fraction of lr (paper: 3e-4 -> 3e-6)'),
-    ('beta1', 0.5, 'Adam beta1'),
-    ('beta2', 0.999, 'Adam beta2'),
-    ('adam_eps', 1e-5, 'Adam epsilon (TF code 1e-5)'),
-    ('fused_adam', True, "torch's fused Adam kernel (CPU and CUDA; same update as the per-tensor loop up to "
-                         "rounding)"),
-    ('weight_decay', 5e-5, 'L2 weight decay added to the losses: wd * 0.5 * sum(w^2) (TF l2_regularizer)'),
-    ('weight_decay_biases', True, 'apply the weight decay to conv/linear biases too (not to BatchNorm)'),
-    ('bias_grad_mult', 1.0, 'multiply conv/linear bias gradients by this (the TF code uses 2.0; Adam is '
-                            'nearly invariant to it)'),
-    # --- loss weights
-    ('ae_loss_weight', 30.0, 'stage 1: weight of the MSE reconstruction loss (code: 30)'),
-    ('class_loss_weight', 1.0, 'C: weight of the real-vs-corrupt cross-entropy'),
-    ('mask_loss_weight', 0.1, 'C: weight of the drop-mask sigmoid cross-entropy (0 = ablation (g))'),
-    ('adv_loss_weight', 1.0, 'R: weight of the non-saturating adversarial loss'),
-    ('rec_loss_weight', 30.0, 'R: weight of the L2 loss on kept cells'),
-    ('generator_loss', 'nonsaturating', "R's objective: 'nonsaturating' (paper Sec. 4.4: corrupt images labelled "
-                                        "real) or 'code' (the authors' code: C's own losses plus the swapped-label "
-                                        "CE, which pushes C to uncertainty on corrupt images and helps its mask head; "
-                                        "docs/method.md)"),
-    ('r_lr_factor', 1.0, "R's learning rate as a multiple of C's (lr)"),
-    # --- method / ablations
-    ('ablation', None, "Table 1 preset: 'baseline' (theta 0.5) or 'a'..'l' (applied before the config file "
-                       "and overrides)"),
-    ('theta', 0.7, 'drop rate of the feature cells (0.7 released models; 0.5 ablation baseline)'),
-    ('real_source', 'autoencoded', "real examples: 'autoencoded' D(E(x)) (paper) or 'input' (ablation (a))"),
-    ('generator', 'damage_repair', "corrupt examples: 'damage_repair' or 'gan' (ablation (l): DCGAN from noise)"),
-    ('repair', 'distributed', "repair network: 'distributed', 'local' (b) or 'none' (k)"),
-    ('gate', True, 'gate repair residuals with (1 - mask) (false = ablation (i))'),
-    ('fill', 'avg', "fill of dropped cells: 'avg' (3x3 average) or 'noise'"),
-    ('encoder_kernel_size', 2, 'stride-2 encoder kernel (3 = ablation (h))'),
-    ('history', True, 'SimGAN history buffer of corrupt images (false = ablation (j))'),
-    ('history_batches', 50, 'history capacity in batches (capacity = history_batches x batch_size per process)'),
-    ('history_fraction', 0.5, 'fraction of each corrupt batch shown to C that comes from the history'),
-    ('gen_stem_width', 32, 'generator: stem / last decoder width'),
-    ('gen_widths', [64, 128, 256, 512], 'generator: stride-2 encoder widths (4 layers -> grid img_size/16)'),
-    ('leak', 0.1, 'leaky-ReLU slope of E, D, R (paper 0.1, code 0.2)'),
-    ('bn_momentum', 0.025, 'generator BatchNorm momentum (TF decay 0.975)'),
-    ('bn_eps', 1e-3, 'generator BatchNorm epsilon'),
-    ('generator_kwargs', {}, 'extra damage_repair_generator constructor kwargs'),
-    ('discriminator_kwargs', {}, 'extra alexnet_spot_discriminator constructor kwargs (e.g. head_hidden_size)'),
-    ('gan_latent_dim', 100, 'ablation (l): DCGAN noise dimension'),
-    ('gan_width', 64, 'ablation (l): DCGAN base width'),
-    ('init_generator', None, 'stage 2 only runs: stage-1 generator safetensors (default: '
-                             '<output_dir>/damage_repair_generator_stage1.safetensors)'),
-    # --- run
-    ('snapshots', [], 'stage 2: also save the backbone after these fractions of the stage (e.g. [0, 0.25, 0.5]) '
-                      'as snapshots/alexnet_spot_stage2_step<N>.safetensors (learning curves)'),
-    ('seed', 0, 'seed of every random draw (crops, flips, masks, buffer picks, init, dropout)'),
-    ('output_dir', 'runs/pretrain', 'run directory (weights, config, metrics, figures, checkpoints)'),
-    ('overwrite', False, 'start afresh when output_dir already holds a run (else: error unless --resume); the '
-                         'earlier run is renamed aside and deleted once the new one has a checkpoint'),
-    ('resume', None, "'latest' (or true): continue from output_dir/checkpoints/latest; or a checkpoint dir"),
-    ('cpu', False, 'train on the CPU even if an accelerator is available (multi-process CPU runs use gloo)'),
-    ('mixed_precision', 'auto', "'auto' (bf16 where it is fast: GPUs with bf16, CPUs with AVX512-BF16 or AMX; "
-                                "else float32), 'no', 'bf16' or 'fp16' (Accelerate autocast; losses stay float32)"),
-    ('channels_last', 'auto', "channels-last memory format for the networks and images ('auto': on with bf16 "
-                              "and on GPUs)"),
-    ('threads', None, 'torch CPU threads per process (null: one per idle core, cores shared by the processes: '
-                      'on a busy 2-core machine 2 threads ran at half the speed of 1)'),
-    ('log_every', 10, 'steps between metrics.jsonl records / progress-bar updates'),
-    ('figure_every', 200, 'steps between Figure-3 grids (0: only at the end of a stage)'),
-    ('checkpoint_every', 500, 'steps between checkpoints (0: only at the end of a stage)'),
-    ('keep_checkpoints', 2, 'checkpoints kept (older ones are deleted)'),
-    ('num_figure_images', 8, 'images (columns) in the Figure-3 grid'),
-    ('tensorboard', False, 'also log to tensorboard (Accelerate tracker) under output_dir/tensorboard'),
-    ('progress', True, 'tqdm progress bars'),
-    # --- debugging / tests
-    ('debug_nan_at', None, "inject NaN into the input batch at 'stage:step' (tests the NaN stop; quote it in YAML)"),
-    ('debug_step_sleep', 0.0, 'sleep this many seconds after every step (tests kill a run mid-training)'),
-    ('debug_dump', False, 'write debug/rank<r>.json: sample ids per step and parameter hashes (tests)'),
-]
 
-DEFAULTS: Dict[str, Any] = {k: v for k, v, _ in _SPEC}
-HELP: Dict[str, str] = {k: h for k, _, h in _SPEC}
+class ConfigError(ValueError):
+    """A bad configuration value or key (the message names it)."""
+
+
+def opt(default: Any, help: str, *, low: Optional[float] = None, high: Optional[float] = None,
+        low_open: bool = False, choices: Optional[tuple] = None, verbatim: bool = False) -> Any:
+    """A config field: its default, its ``--help`` text and the checks of its value (range, choices).
+
+    ``verbatim``: a ``--set`` value kept as the raw string (YAML would turn '1:3' into 63 and 'no' into False).
+    """
+    meta = dict(help=help, low=low, high=high, low_open=low_open, choices=choices, verbatim=verbatim)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# The defaults are the paper's ImageNet recipe; configs/*.yaml specialise them.
+@dataclass
+class DataConfig:
+    """Where the images come from."""
+    data: str = opt('builtin', "image source: 'builtin' (scikit-image photos), a folder, Parquet/Arrow file or glob "
+                               "(relative paths resolve against the current dir), or a Hugging Face Hub dataset id",
+                    verbatim=True)
+    split: str = opt('train', 'dataset split (local files: train)', verbatim=True)
+    streaming: bool = opt(False, 'stream the dataset (Hub ids); sharded per process with split_dataset_by_node')
+    image_column: str = opt('image', 'column holding the images', verbatim=True)
+    dataset_size: Optional[int] = opt(None, 'streaming only: images per epoch (to turn epochs into steps); null = '
+                                            'from the dataset info', low=1)
+    shuffle_buffer: int = opt(10000, 'streaming only: shuffle buffer size', low=1)
+    holdout_per_class: Optional[int] = opt(None, 'leave out the LAST n images of every class '
+                                                 '(timm_spot.data.holdout_split), so a probe validation set is never '
+                                                 'seen in pretraining; needs holdout_label_column', low=1)
+    holdout_label_column: str = opt('label', 'label column used only to find the held-out rows (labels are not '
+                                             'trained on)', verbatim=True)
+    num_workers: int = opt(2, 'data-loading worker processes (threads when streaming); 0 = in the main process', low=0)
+
+
+@dataclass
+class AugmentConfig:
+    """The training crop (spec: random resized crop, flip, colour jitter)."""
+    img_size: int = opt(128, 'training crop size in px (multiple of 16: the drop-mask / conv5 grid is img_size/16)',
+                        low=16)
+    crop_scale: List[float] = opt([0.333, 1.0], 'random-resized-crop area range (fraction of the image)')
+    crop_ratio: List[float] = opt([0.75, 1.33], 'random-resized-crop aspect-ratio range')
+    interpolation: str = opt('random', "resize: 'random' (bilinear or bicubic at random, as the code), 'bilinear', "
+                                       "'bicubic'", choices=('random', 'bilinear', 'bicubic'))
+    antialias: bool = opt(True, 'antialias when a crop is downscaled (TF1 resize does not)')
+    hflip: bool = opt(True, 'random horizontal flip')
+    color_jitter: bool = opt(True, 'brightness +-32/255 and saturation x[0.5, 1.5] in random order (code: on)')
+
+
+@dataclass
+class ScheduleConfig:
+    """How long each stage runs."""
+    stage: str = opt('both', 'which stages to run: 1 (autoencoder), 2 (damage & repair vs discriminator) or both',
+                     choices=('1', '2', 'both'))
+    batch_size: int = opt(64, 'images per process per step (global batch = batch_size x processes)', low=1)
+    stage1_epochs: float = opt(80, 'stage-1 length in epochs (used when stage1_steps is null)', low=0.0)
+    stage2_epochs: float = opt(150, 'stage-2 length in epochs (used when stage2_steps is null)', low=0.0)
+    stage1_steps: Optional[int] = opt(None, 'stage-1 length in optimisation steps (overrides stage1_epochs)', low=0)
+    stage2_steps: Optional[int] = opt(None, 'stage-2 length in optimisation steps (overrides stage2_epochs)', low=0)
+    max_steps: Optional[int] = opt(None, 'stop each stage after this many steps (tests / smoke runs); the LR schedule '
+                                         'still spans the full stage, so a limited run is a prefix of the full one',
+                                   low=0)
+
+
+@dataclass
+class OptimConfig:
+    """Adam, its learning-rate schedule and the weight decay (both stages, both networks)."""
+    lr: float = opt(3e-4, 'Adam learning rate (both stages, both networks)', low=0.0, low_open=True)
+    lr_schedule: str = opt('paper', "'paper': linear to lr*lr_end_factor at the end; 'code': polynomial (power 1) to "
+                                    "lr*lr_end_factor over the first 90% of steps, then constant; 'constant'",
+                           choices=('paper', 'code', 'constant'))
+    lr_end_factor: float = opt(0.01, 'final LR as a fraction of lr (paper: 3e-4 -> 3e-6)', low=0.0)
+    beta1: float = opt(0.5, 'Adam beta1', low=0.0, high=1.0)
+    beta2: float = opt(0.999, 'Adam beta2', low=0.0, high=1.0)
+    adam_eps: float = opt(1e-5, 'Adam epsilon (TF code 1e-5)', low=0.0, low_open=True)
+    fused_adam: bool = opt(True, "torch's fused Adam kernel (CPU and CUDA; same update as the per-tensor loop up to "
+                                 "rounding)")
+    weight_decay: float = opt(5e-5, 'L2 weight decay added to the losses: wd * 0.5 * sum(w^2) (TF l2_regularizer)',
+                              low=0.0)
+    weight_decay_biases: bool = opt(True, 'apply the weight decay to conv/linear biases too (not to BatchNorm)')
+    bias_grad_mult: float = opt(1.0, 'multiply conv/linear bias gradients by this (the TF code uses 2.0; Adam is '
+                                     'nearly invariant to it)')
+    r_lr_factor: float = opt(1.0, "R's learning rate as a multiple of C's (lr)", low=0.0, low_open=True)
+
+
+@dataclass
+class LossConfig:
+    """The weights of the terms of Eq. (3) (stage 1), L_C and L_R (stage 2); losses.py computes them."""
+    ae_loss_weight: float = opt(30.0, 'stage 1: weight of the MSE reconstruction loss (code: 30)', low=0.0)
+    class_loss_weight: float = opt(1.0, 'C: weight of the real-vs-corrupt cross-entropy', low=0.0)
+    mask_loss_weight: float = opt(0.1, 'C: weight of the drop-mask sigmoid cross-entropy (0 = ablation (g))', low=0.0)
+    adv_loss_weight: float = opt(1.0, 'R: weight of the non-saturating adversarial loss', low=0.0)
+    rec_loss_weight: float = opt(30.0, 'R: weight of the L2 loss on kept cells', low=0.0)
+    generator_loss: str = opt('nonsaturating', "R's objective: 'nonsaturating' (paper Sec. 4.4: corrupt images "
+                                               "labelled real) or 'code' (the authors' code: C's own losses plus the "
+                                               "swapped-label CE, which pushes C to uncertainty on corrupt images and "
+                                               "helps its mask head; docs/method.md)",
+                              choices=('nonsaturating', 'code'))
+
+
+@dataclass
+class MethodConfig:
+    """The switches of the method that Table 1's ablations turn (presets: ``ABLATIONS``)."""
+    ablation: Optional[str] = opt(None, "Table 1 preset: 'baseline' (theta 0.5) or 'a'..'l' (applied before the "
+                                        "config file and overrides)", verbatim=True)
+    theta: float = opt(0.7, 'drop rate of the feature cells (0.7 released models; 0.5 ablation baseline)',
+                       low=0.0, high=1.0)
+    real_source: str = opt('autoencoded', "real examples: 'autoencoded' D(E(x)) (paper) or 'input' (ablation (a))",
+                           choices=('autoencoded', 'input'))
+    generator: str = opt('damage_repair', "corrupt examples: 'damage_repair' or 'gan' (ablation (l): DCGAN from "
+                                          "noise)", choices=('damage_repair', 'gan'))
+    repair: str = opt('distributed', "repair network: 'distributed', 'local' (b) or 'none' (k)",
+                      choices=('distributed', 'local', 'none'))
+    gate: bool = opt(True, 'gate repair residuals with (1 - mask) (false = ablation (i))')
+    fill: str = opt('avg', "fill of dropped cells: 'avg' (3x3 average) or 'noise'", choices=('avg', 'noise'))
+    encoder_kernel_size: int = opt(2, 'stride-2 encoder kernel (3 = ablation (h))', low=1)
+    history: bool = opt(True, 'SimGAN history buffer of corrupt images (false = ablation (j))')
+    history_batches: int = opt(50, 'history capacity in batches (capacity = history_batches x batch_size per '
+                                   'process)', low=1)
+    history_fraction: float = opt(0.5, 'fraction of each corrupt batch shown to C that comes from the history',
+                                  low=0.0, high=1.0)
+
+
+@dataclass
+class ModelConfig:
+    """Architectures of the generator, the discriminator and ablation (l)'s DCGAN."""
+    gen_stem_width: int = opt(32, 'generator: stem / last decoder width', low=1)
+    gen_widths: List[int] = opt([64, 128, 256, 512], 'generator: stride-2 encoder widths (4 layers -> grid '
+                                                     'img_size/16)')
+    leak: float = opt(0.1, 'leaky-ReLU slope of E, D, R (paper 0.1, code 0.2)', low=0.0)
+    bn_momentum: float = opt(0.025, 'generator BatchNorm momentum (TF decay 0.975)', low=0.0, high=1.0)
+    bn_eps: float = opt(1e-3, 'generator BatchNorm epsilon', low=0.0, low_open=True)
+    generator_kwargs: Dict[str, Any] = opt({}, 'extra damage_repair_generator constructor kwargs')
+    discriminator_kwargs: Dict[str, Any] = opt({}, 'extra alexnet_spot_discriminator constructor kwargs (e.g. '
+                                                   'head_hidden_size)')
+    gan_latent_dim: int = opt(100, 'ablation (l): DCGAN noise dimension', low=1)
+    gan_width: int = opt(64, 'ablation (l): DCGAN base width', low=1)
+    init_generator: Optional[str] = opt(None, 'stage 2 only runs: stage-1 generator safetensors (default: '
+                                              '<output_dir>/damage_repair_generator_stage1.safetensors)', verbatim=True)
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes, how it logs and checkpoints, and how it uses the hardware."""
+    seed: int = opt(0, 'seed of every random draw (crops, flips, masks, buffer picks, init, dropout)', low=0)
+    output_dir: str = opt('runs/pretrain', 'run directory (weights, config, metrics, figures, checkpoints)',
+                          verbatim=True)
+    overwrite: bool = opt(False, 'start afresh when output_dir already holds a run (else: error unless --resume); '
+                                 'the earlier run is renamed aside and deleted once the new one has a checkpoint')
+    resume: Optional[str] = opt(None, "'latest' (or true): continue from output_dir/checkpoints/latest; or a "
+                                      "checkpoint dir", verbatim=True)
+    snapshots: List[float] = opt([], 'stage 2: also save the backbone after these fractions of the stage (e.g. '
+                                     '[0, 0.25, 0.5]) as snapshots/alexnet_spot_stage2_step<N>.safetensors '
+                                     '(learning curves)')
+    cpu: bool = opt(False, 'train on the CPU even if an accelerator is available (multi-process CPU runs use gloo)')
+    mixed_precision: str = opt('auto', "'auto' (bf16 where it is fast: GPUs with bf16, CPUs with AVX512-BF16 or "
+                                       "AMX; else float32), 'no', 'bf16' or 'fp16' (Accelerate autocast; losses stay "
+                                       "float32)", choices=('auto', 'no', 'bf16', 'fp16'), verbatim=True)
+    channels_last: Union[bool, str] = opt('auto', "channels-last memory format for the networks and images ('auto': "
+                                                  "on with bf16 and on GPUs)", choices=(True, False, 'auto'))
+    compile: bool = opt(False, "torch.compile (inductor, through Accelerate's dynamo_backend) the prepared forwards "
+                               "(stage 1: D(E(x)); stage 2: C's step and R); graphs that do not compile run eagerly "
+                               "with a warning. Measured: train_scripts/README.md")
+    threads: Optional[int] = opt(None, 'torch CPU threads per process (null: one per idle core, cores shared by the '
+                                       'processes: on a busy 2-core machine 2 threads ran at half the speed of 1)',
+                                 low=1)
+    log_every: int = opt(10, 'steps between metrics.jsonl records / progress-bar updates', low=1)
+    figure_every: int = opt(200, 'steps between Figure-3 grids (0: only at the end of a stage)', low=0)
+    checkpoint_every: int = opt(500, 'steps between checkpoints (0: only at the end of a stage)', low=0)
+    keep_checkpoints: int = opt(2, 'checkpoints kept (older ones are deleted)', low=1)
+    num_figure_images: int = opt(8, 'images (columns) in the Figure-3 grid', low=1)
+    tensorboard: bool = opt(False, 'also log to tensorboard (Accelerate tracker) under output_dir/tensorboard')
+    progress: bool = opt(True, 'tqdm progress bars')
+
+
+@dataclass
+class DebugConfig:
+    """Hooks for the tests."""
+    debug_nan_at: Optional[str] = opt(None, "inject NaN into the input batch at 'stage:step' (tests the NaN stop; "
+                                            "quote it in YAML)", verbatim=True)
+    debug_step_sleep: float = opt(0.0, 'sleep this many seconds after every step (tests kill a run mid-training)',
+                                  low=0.0)
+    debug_dump: bool = opt(False, 'write debug/rank<r>.json: sample ids per step and parameter hashes (tests)')
+
+
+SECTIONS: Tuple[Tuple[str, type], ...] = (
+    ('data', DataConfig), ('augment', AugmentConfig), ('schedule', ScheduleConfig), ('optim', OptimConfig),
+    ('loss', LossConfig), ('method', MethodConfig), ('model', ModelConfig), ('run', RunConfig),
+    ('debug', DebugConfig))
+
+
+@dataclass
+class PretrainConfig:
+    """Every setting of a pretraining run, by section. Build it with :func:`resolve` (or :meth:`from_flat`), which
+    checks every value; ``to_flat()`` gives the flat keys back (config.yaml, checkpoint metadata)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    @classmethod
+    def from_flat(cls, flat: Dict[str, Any]) -> 'PretrainConfig':
+        """Build and validate from flat keys (missing keys take their defaults)."""
+        _check_keys(flat, 'the configuration')
+        sections = {}
+        for name, section_type in SECTIONS:
+            values = {}
+            for f in dataclasses.fields(section_type):
+                if f.name in flat:
+                    values[f.name] = _checked(f, copy.deepcopy(flat[f.name]))
+            sections[name] = section_type(**values)
+        cfg = cls(**sections)
+        cfg._check_relations()
+        return cfg
+
+    def to_flat(self) -> Dict[str, Any]:
+        return {f.name: copy.deepcopy(getattr(getattr(self, name), f.name))
+                for name, section_type in SECTIONS for f in dataclasses.fields(section_type)}
+
+    def replace(self, **flat: Any) -> 'PretrainConfig':
+        """A validated copy with some flat keys changed."""
+        return PretrainConfig.from_flat(dict(self.to_flat(), **flat))
+
+    # ---------------------------------------------------------------- derived values
+    @property
+    def grid(self) -> Tuple[int, int]:
+        """The drop-mask grid, equal to the discriminator's conv5 grid."""
+        return self.augment.img_size // 16, self.augment.img_size // 16
+
+    @property
+    def needs_autoencoder(self) -> bool:
+        """Every run but ablation (l) with raw images as real ones uses E and D."""
+        return not (self.method.generator == 'gan' and self.method.real_source == 'input')
+
+    @property
+    def stages(self) -> List[int]:
+        return [1, 2] if self.schedule.stage == 'both' else [int(self.schedule.stage)]
+
+    @property
+    def nan_at(self) -> Optional[Tuple[int, int]]:
+        return None if self.debug.debug_nan_at is None else parse_stage_step(self.debug.debug_nan_at, 'debug_nan_at')
+
+    def generator_kwargs(self) -> Dict[str, Any]:
+        """Constructor kwargs of ``damage_repair_generator`` (saved to model_args.json)."""
+        m, model = self.method, self.model
+        kwargs = dict(stem_width=model.gen_stem_width, widths=list(model.gen_widths),
+                      encoder_kernel_size=m.encoder_kernel_size, leak=model.leak, theta=m.theta, fill=m.fill,
+                      repair=m.repair, gate=m.gate, bn_momentum=model.bn_momentum, bn_eps=model.bn_eps)
+        kwargs.update(model.generator_kwargs)
+        return kwargs
+
+    def discriminator_kwargs(self) -> Dict[str, Any]:
+        """Constructor kwargs of ``alexnet_spot_discriminator``: fc6 spans the conv5 map; no mask head without mask
+        loss (an unused head would get no gradient, which DDP rejects)."""
+        kwargs = dict(head_kernel_size=math.ceil(self.augment.img_size / 16), mask_head=self.loss.mask_loss_weight > 0)
+        kwargs.update(self.model.discriminator_kwargs)
+        return kwargs
+
+    def gan_kwargs(self) -> Dict[str, Any]:
+        return dict(img_size=self.augment.img_size, latent_dim=self.model.gan_latent_dim, width=self.model.gan_width)
+
+    # ---------------------------------------------------------------- checks across fields
+    def _check_relations(self) -> None:
+        size, widths = self.augment.img_size, self.model.gen_widths
+        if size % 16:
+            raise ConfigError(f'img_size must be a positive multiple of 16 (the drop-mask grid is img_size/16), '
+                              f'got {size!r}')
+        if size % (2 ** len(widths)):
+            raise ConfigError(f'img_size {size} must be a multiple of the encoder stride 2**len(gen_widths) = '
+                              f'{2 ** len(widths)}')
+        if self.method.generator == 'damage_repair' and self.loss.mask_loss_weight > 0 and \
+                size // 2 ** len(widths) != math.ceil(size / 16):
+            raise ConfigError('the drop-mask grid (img_size / 2**len(gen_widths)) must equal the discriminator conv5 '
+                              'grid (img_size / 16) for the mask loss: use 4 gen_widths or mask_loss_weight=0')
+        for key in ('crop_scale', 'crop_ratio'):
+            lo, hi = getattr(self.augment, key)
+            if not 0 < lo <= hi:
+                raise ConfigError(f'{key} must be [low, high] with 0 < low <= high, got {[lo, hi]!r}')
+        if not all(0 <= f <= 1 for f in self.run.snapshots):
+            raise ConfigError(f'snapshots must be a list of stage-2 fractions in [0, 1], got {self.run.snapshots!r}')
+        self.nan_at  # noqa: B018  (parses debug_nan_at: a malformed value is named now, not at that step)
+
+
+# ------------------------------------------------------------------------------------------------ value checks
+_FIELDS: Dict[str, dataclasses.Field] = {f.name: f for _, t in SECTIONS for f in dataclasses.fields(t)}
+_HINTS: Dict[str, Any] = {k: v for _, t in SECTIONS for k, v in typing.get_type_hints(t).items()}
+DEFAULTS: Dict[str, Any] = PretrainConfig().to_flat()
+HELP: Dict[str, str] = {k: f.metadata['help'] for k, f in _FIELDS.items()}
+STRING_KEYS = tuple(k for k, f in _FIELDS.items() if f.metadata['verbatim'])
 
 # keys that describe one invocation, not the run: never taken from a saved config.yaml on --resume
 RUNTIME_KEYS = ('resume', 'max_steps', 'overwrite', 'debug_nan_at', 'debug_step_sleep', 'progress')
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` of field ``f`` converted to its type (numbers written as YAML strings, 1 -> '1' for ``stage``,
+    true -> 'latest' for ``resume``) and checked; a ConfigError names the key, the value and what it must be.
+    A quoted "false" is not a boolean, 64 is not a list, abc is not a learning rate."""
+    key, hint, meta, given = f.name, _HINTS[f.name], f.metadata, value
+    nullable = typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if nullable else hint
+    if key == 'resume' and isinstance(value, bool):
+        value = 'latest' if value else None
+    if key == 'stage' and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if value is None and nullable:
+        return None
+    if meta['choices'] is not None:
+        if not any(value == c and type(value) is type(c) for c in meta['choices']):
+            raise ConfigError(f'{key} must be one of {meta["choices"]}, got {given!r}')
+        return value
+    if base is bool:
+        if not isinstance(value, bool):
+            hint_text = ' (a quoted string: write true or false without quotes)' if isinstance(value, str) else ''
+            raise ConfigError(f'{key} must be true or false, got {value!r}{hint_text}')
+    elif base is float:
+        number = value
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(f'{key} must be a number, got {value!r}') from None
+        if not _is_number(number) or not math.isfinite(float(number)):
+            raise ConfigError(f'{key} must be a finite number, got {value!r}')
+        value = float(number)
+    elif base is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f'{key} must be an integer{" or null" if nullable else ""}, got {value!r}')
+    elif base is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f'{key} must be a non-empty string{" or null" if nullable else ""}, got {value!r}')
+    elif typing.get_origin(base) is list:
+        item = typing.get_args(base)[0]
+        ok = isinstance(value, (list, tuple)) and all(
+            _is_number(v) and (item is float or (isinstance(v, int) and v > 0)) for v in value)
+        if key in ('crop_scale', 'crop_ratio') and not (ok and len(value) == 2):
+            raise ConfigError(f'{key} must be a list [low, high] of two numbers, got {value!r}')
+        if key == 'gen_widths' and not (ok and value):
+            raise ConfigError(f'gen_widths must be a list of positive integers (e.g. [64, 128, 256, 512]), got '
+                              f'{value!r}')
+        if not ok:
+            raise ConfigError(f'{key} must be a list of numbers, got {value!r}')
+        value = [item(v) for v in value]
+    elif typing.get_origin(base) is dict and not isinstance(value, dict):
+        raise ConfigError(f'{key} must be a mapping, got {value!r}')
+    low, high = meta['low'], meta['high']
+    if low is not None and (value < low or (value == low and meta['low_open'])):
+        raise ConfigError(f'{key} must be {">" if meta["low_open"] else ">="} {low}, got {given!r}')
+    if high is not None and value > high:
+        raise ConfigError(f'{key} must be <= {high}, got {given!r}')
+    return value
+
 
 # Table 1 of the paper (STL-10 ablations). Every preset starts from the baseline (theta = 0.5).
 ABLATIONS: Dict[str, Dict[str, Any]] = {
@@ -156,22 +412,8 @@ ABLATION_NAMES = {
     'j': 'no history of corrupted examples', 'k': 'no repair network', 'l': 'GAN instead of damage & repair',
 }
 
-_CHOICES = {
-    'interpolation': ('random', 'bilinear', 'bicubic'),
-    'lr_schedule': ('paper', 'code', 'constant'),
-    'real_source': ('autoencoded', 'input'),
-    'generator': ('damage_repair', 'gan'),
-    'repair': ('distributed', 'local', 'none'),
-    'fill': ('avg', 'noise'),
-    'mixed_precision': ('auto', 'no', 'bf16', 'fp16'),
-    'generator_loss': ('nonsaturating', 'code'),
-}
 
-
-class ConfigError(ValueError):
-    """A bad configuration value or key (the message names it)."""
-
-
+# ------------------------------------------------------------------------------------------------ files and flags
 def parse_value(text: str) -> Any:
     """Parse a CLI value as YAML (numbers, booleans, null, lists, dicts), falling back to the raw string."""
     try:
@@ -182,13 +424,14 @@ def parse_value(text: str) -> Any:
 
 def _check_keys(d: Dict[str, Any], where: str) -> None:
     for key in d:
-        if key not in DEFAULTS:
-            close = difflib.get_close_matches(key, list(DEFAULTS), n=3)
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=3)
             hint = f' (did you mean {", ".join(close)}?)' if close else ''
             raise ConfigError(f'unknown config key {key!r} in {where}{hint}; see --help for the keys')
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
+    """The flat keys of a YAML config file (unknown keys are an error naming the file)."""
     if not os.path.isfile(path):
         raise ConfigError(f'config file {path} does not exist' if not os.path.exists(path)
                           else f'config file {path} is not a file')
@@ -208,12 +451,8 @@ def load_yaml(path: str) -> Dict[str, Any]:
     return data
 
 
-# values kept verbatim from the command line (YAML would turn '1:3' into 63 and 'no' into False)
-STRING_KEYS = ('data', 'split', 'image_column', 'holdout_label_column', 'output_dir', 'resume', 'init_generator', 'debug_nan_at',
-               'mixed_precision', 'ablation')
-
-
 def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
+    """``key=value`` strings -> flat keys."""
     out: Dict[str, Any] = {}
     for item in items or ():
         if '=' not in item:
@@ -225,196 +464,71 @@ def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
     return out
 
 
-def resolve(user: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Defaults (or ``base``) -> ablation preset (if ``user`` names one) -> ``user`` keys; then validated."""
-    cfg = copy.deepcopy(base if base is not None else DEFAULTS)
+def resolve(user: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> PretrainConfig:
+    """Defaults (or flat ``base``) -> ablation preset (if ``user`` names one) -> ``user`` keys; validated."""
+    flat = copy.deepcopy(base if base is not None else DEFAULTS)
     ablation = user.get('ablation')  # a preset is applied only when given in this invocation's file or flags
     if ablation is not None:
         ablation = str(ablation)
         if ablation not in ABLATIONS:
             raise ConfigError(f'ablation must be one of {sorted(ABLATIONS)}, got {ablation!r}')
-        cfg.update(copy.deepcopy(ABLATIONS[ablation]))
-    cfg.update(copy.deepcopy(user))
+        flat.update(copy.deepcopy(ABLATIONS[ablation]))
+    flat.update(copy.deepcopy(user))
     if ablation is not None:
-        cfg['ablation'] = ablation
-    validate(cfg)
-    return cfg
+        flat['ablation'] = ablation
+    return PretrainConfig.from_flat(flat)
 
 
-BOOL_KEYS = ('streaming', 'antialias', 'hflip', 'color_jitter', 'weight_decay_biases', 'gate', 'history',
-             'overwrite', 'cpu', 'tensorboard', 'progress', 'debug_dump', 'fused_adam')
-# number keys (float): (key, lowest allowed, highest allowed, low bound inclusive)
-_FLOAT_KEYS = (
-    ('lr', 0.0, None, False), ('lr_end_factor', 0.0, None, True), ('beta1', 0.0, 1.0, True),
-    ('beta2', 0.0, 1.0, True), ('adam_eps', 0.0, None, False), ('weight_decay', 0.0, None, True),
-    ('bias_grad_mult', None, None, True), ('ae_loss_weight', 0.0, None, True),
-    ('class_loss_weight', 0.0, None, True), ('mask_loss_weight', 0.0, None, True),
-    ('adv_loss_weight', 0.0, None, True), ('rec_loss_weight', 0.0, None, True), ('theta', 0.0, 1.0, True),
-    ('history_fraction', 0.0, 1.0, True), ('leak', 0.0, None, True), ('bn_momentum', 0.0, 1.0, True),
-    ('bn_eps', 0.0, None, False), ('stage1_epochs', 0.0, None, True), ('stage2_epochs', 0.0, None, True),
-    ('debug_step_sleep', 0.0, None, True), ('r_lr_factor', 0.0, None, False),
-)
-# integer keys: (key, minimum, null allowed)
-_INT_KEYS = (
-    ('img_size', 16, False), ('batch_size', 1, False), ('stage1_steps', 0, True), ('stage2_steps', 0, True),
-    ('max_steps', 0, True), ('dataset_size', 1, True), ('shuffle_buffer', 1, False),
-    ('holdout_per_class', 1, True), ('history_batches', 1, False), ('gen_stem_width', 1, False),
-    ('encoder_kernel_size', 1, False), ('gan_latent_dim', 1, False), ('gan_width', 1, False), ('seed', 0, False),
-    ('threads', 1, True), ('log_every', 1, False), ('figure_every', 0, False), ('checkpoint_every', 0, False),
-    ('keep_checkpoints', 1, False), ('num_workers', 0, False), ('num_figure_images', 1, False),
-)
-_STRING_KEYS_STRICT = (('data', True), ('split', False), ('image_column', False), ('holdout_label_column', False),
-                       ('output_dir', False), ('init_generator', True))
+def format_keys_help() -> str:
+    lines = ['config keys (YAML file or --set key=value; defaults = the paper\'s ImageNet recipe):']
+    for name, section_type in SECTIONS:
+        lines.append(f' [{name}] {section_type.__doc__.splitlines()[0]}')
+        for f in dataclasses.fields(section_type):
+            lines.append(f'  {f.name} (default {DEFAULTS[f.name]!r}): {f.metadata["help"]}')
+    lines.append('ablation presets (Table 1): ' + '; '.join(f'{k}: {v}' for k, v in ABLATION_NAMES.items()))
+    return '\n'.join(lines)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def dump_yaml(cfg: Union[PretrainConfig, Dict[str, Any]]) -> str:
+    flat = cfg.to_flat() if isinstance(cfg, PretrainConfig) else cfg
+    return yaml.safe_dump(flat, sort_keys=False, default_flow_style=None)
 
 
-def _check_types(cfg: Dict[str, Any]) -> None:
-    """Strict types: a quoted "false" is not a boolean, 64 is not a list, abc is not a learning rate.
-
-    Numbers written as YAML strings that parse as numbers (PyYAML reads ``3e-4`` without a dot as a string) are
-    converted in place; anything else names the key, the value and what it must be.
-    """
-    for key in BOOL_KEYS:
-        value = cfg[key]
-        if not isinstance(value, bool):
-            hint = ' (a quoted string: write true or false without quotes)' if isinstance(value, str) else ''
-            raise ConfigError(f'{key} must be true or false, got {value!r}{hint}')
-    for key, low, high, inclusive in _FLOAT_KEYS:
-        value = cfg[key]
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f'{key} must be a number, got {cfg[key]!r}') from None
-        if not _is_number(value) or not math.isfinite(float(value)):
-            raise ConfigError(f'{key} must be a finite number, got {cfg[key]!r}')
-        if low is not None and (value < low or (value == low and not inclusive)):
-            raise ConfigError(f'{key} must be {">=" if inclusive else ">"} {low}, got {cfg[key]!r}')
-        if high is not None and value > high:
-            raise ConfigError(f'{key} must be <= {high}, got {cfg[key]!r}')
-        cfg[key] = value
-    for key, low, nullable in _INT_KEYS:
-        value = cfg[key]
-        if value is None and nullable:
-            continue
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f'{key} must be an integer{" or null" if nullable else ""}, got {value!r}')
-        if value < low:
-            raise ConfigError(f'{key} must be >= {low}, got {value!r}')
-        cfg[key] = value
-    for key, nullable in _STRING_KEYS_STRICT:
-        value = cfg[key]
-        if value is None and nullable:
-            continue
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f'{key} must be a non-empty string{" or null" if nullable else ""}, got {value!r}')
-    widths = cfg['gen_widths']
-    if not isinstance(widths, (list, tuple)) or not widths or \
-            not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
-        raise ConfigError(f'gen_widths must be a list of positive integers (e.g. [64, 128, 256, 512]), got {widths!r}')
-    for key in ('crop_scale', 'crop_ratio'):
-        value = cfg[key]
-        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_number(v) for v in value):
-            raise ConfigError(f'{key} must be a list [low, high] of two numbers, got {value!r}')
-
-
-def validate(cfg: Dict[str, Any]) -> None:
-    """Check types and ranges; raise ConfigError naming the key."""
-    _check_keys(cfg, 'the configuration')
-    _check_types(cfg)
-    for key, choices in _CHOICES.items():
-        if cfg[key] not in choices:
-            raise ConfigError(f'{key} must be one of {choices}, got {cfg[key]!r}')
-    if str(cfg['stage']) not in ('1', '2', 'both'):
-        raise ConfigError(f"stage must be 1, 2 or both, got {cfg['stage']!r}")
-    cfg['stage'] = str(cfg['stage'])
-    size = cfg['img_size']
-    if not isinstance(size, int) or size <= 0 or size % 16:
-        raise ConfigError(f'img_size must be a positive multiple of 16 (the drop-mask grid is img_size/16), '
-                          f'got {size!r}')
-    if len(cfg['gen_widths']) < 1 or size % (2 ** len(cfg['gen_widths'])):
-        raise ConfigError(f"img_size {size} must be a multiple of the encoder stride 2**len(gen_widths) = "
-                          f"{2 ** len(cfg['gen_widths'])}")
-    if cfg['generator'] == 'damage_repair' and cfg['mask_loss_weight'] > 0 and size // 2 ** len(cfg['gen_widths']) \
-            != math.ceil(size / 16):
-        raise ConfigError('the drop-mask grid (img_size / 2**len(gen_widths)) must equal the discriminator conv5 grid '
-                          '(img_size / 16) for the mask loss: use 4 gen_widths or mask_loss_weight=0')
-    if not 0.0 <= float(cfg['theta']) <= 1.0:
-        raise ConfigError(f"theta (drop rate) must be in [0, 1], got {cfg['theta']!r}")
-    if not isinstance(cfg['batch_size'], int) or cfg['batch_size'] < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {cfg['batch_size']!r}")
-    if not 0.0 <= float(cfg['history_fraction']) <= 1.0:
-        raise ConfigError(f"history_fraction must be in [0, 1], got {cfg['history_fraction']!r}")
-    for key in ('stage1_steps', 'stage2_steps', 'max_steps', 'dataset_size'):
-        if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 0):
-            raise ConfigError(f'{key} must be a non-negative integer or null, got {cfg[key]!r}')
-    for key in ('log_every', 'figure_every', 'checkpoint_every', 'keep_checkpoints', 'num_workers'):
-        if not isinstance(cfg[key], int) or cfg[key] < 0:
-            raise ConfigError(f'{key} must be a non-negative integer, got {cfg[key]!r}')
-    if cfg['log_every'] < 1:
-        raise ConfigError('log_every must be >= 1')
-    if cfg['keep_checkpoints'] < 1:
-        raise ConfigError('keep_checkpoints must be >= 1')
-    for key in ('crop_scale', 'crop_ratio'):
-        lo, hi = cfg[key]
-        if not 0 < lo <= hi:
-            raise ConfigError(f'{key} must be [low, high] with 0 < low <= high, got {cfg[key]!r}')
-    if cfg['debug_nan_at'] is not None:
-        parse_stage_step(cfg['debug_nan_at'], 'debug_nan_at')
-    if cfg['resume'] is True:
-        cfg['resume'] = 'latest'
-    elif cfg['resume'] is False:
-        cfg['resume'] = None
-    if cfg['channels_last'] not in (True, False, 'auto'):
-        raise ConfigError(f"channels_last must be true, false or auto, got {cfg['channels_last']!r}")
-    if not isinstance(cfg['snapshots'], list) or not all(isinstance(f, (int, float)) and 0 <= f <= 1
-                                                          for f in cfg['snapshots']):
-        raise ConfigError(f"snapshots must be a list of stage-2 fractions in [0, 1], got {cfg['snapshots']!r}")
-    for key in ('generator_kwargs', 'discriminator_kwargs'):
-        if not isinstance(cfg[key], dict):
-            raise ConfigError(f'{key} must be a mapping, got {cfg[key]!r}')
-
-
+# ------------------------------------------------------------------------------------------------ resume
 # keys a resumed run must share with the run it continues: they set tensor shapes in the checkpoint (models,
-# optimizer states, history buffer) or the data position (batch_size: the step -> sample mapping)
+# optimizer states, history buffer), the data position (batch_size: the step -> sample mapping) or the checkpoint's
+# key names (compile: torch.compile'd models save as '_orig_mod.*')
 RESUME_FIXED_KEYS = ('img_size', 'batch_size', 'gen_stem_width', 'gen_widths', 'encoder_kernel_size', 'repair',
                      'generator', 'real_source', 'generator_kwargs', 'discriminator_kwargs', 'gan_latent_dim',
-                     'gan_width', 'history', 'history_batches')
+                     'gan_width', 'history', 'history_batches', 'compile')
 
 
-def resume_fingerprint(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def resume_fingerprint(cfg: PretrainConfig) -> Dict[str, Any]:
     """The values of :data:`RESUME_FIXED_KEYS` (plus whether C has a mask head), as stored in checkpoint metadata."""
-    out = {k: copy.deepcopy(cfg[k]) for k in RESUME_FIXED_KEYS if k in cfg}
-    if 'mask_loss_weight' in cfg:
-        out['mask_loss_weight'] = float(cfg['mask_loss_weight'])
+    flat = cfg.to_flat()
+    out = {k: flat[k] for k in RESUME_FIXED_KEYS}
+    out['mask_loss_weight'] = float(flat['mask_loss_weight'])
     return out
 
 
-def check_resume_compatible(saved: Dict[str, Any], cfg: Dict[str, Any], where: str) -> None:
-    """Raise ConfigError naming the first key whose value differs from the resumed run's (``saved``)."""
+def check_resume_compatible(saved: Dict[str, Any], cfg: PretrainConfig, where: str) -> None:
+    """Raise ConfigError naming the first key whose value differs from the resumed run's (flat ``saved``)."""
+    flat = cfg.to_flat()
     for key in RESUME_FIXED_KEYS:
-        if key not in saved or key not in cfg:
+        if key not in saved:
             continue
-        old, new = saved[key], cfg[key]
-        if isinstance(old, tuple):
-            old = list(old)
-        if isinstance(new, tuple):
-            new = list(new)
+        old, new = saved[key], flat[key]
+        old = list(old) if isinstance(old, tuple) else old
         if old != new:
             raise ConfigError(
                 f'--resume: {key} is {new!r} but the run being resumed ({where}) used {old!r}; {key} fixes the shape of '
                 f'the checkpoint (or the data position), so it cannot change mid-run: drop the option to continue '
                 f'with {old!r}, or start a new run in another --output-dir')
-    if 'mask_loss_weight' in saved and 'mask_loss_weight' in cfg:
-        old, new = float(saved['mask_loss_weight']) > 0, float(cfg['mask_loss_weight']) > 0
+    if 'mask_loss_weight' in saved:
+        old, new = float(saved['mask_loss_weight']) > 0, flat['mask_loss_weight'] > 0
         if old != new:
             raise ConfigError(
-                f"--resume: mask_loss_weight is {cfg['mask_loss_weight']!r} but the run being resumed ({where}) used "
+                f"--resume: mask_loss_weight is {flat['mask_loss_weight']!r} but the run being resumed ({where}) used "
                 f"{saved['mask_loss_weight']!r}; switching the mask loss on or off adds or removes the "
                 f'discriminator\'s mask head: keep it {"> 0" if old else "0"}, or start a new run in another --output-dir')
 
@@ -427,6 +541,7 @@ def parse_stage_step(value: Any, key: str) -> Tuple[int, int]:
         raise ConfigError(f"{key} must be 'stage:step' (e.g. '2:3'), got {value!r}") from None
 
 
+# ------------------------------------------------------------------------------------------------ the machine
 def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo: the CPUs where oneDNN's bf16 kernels beat float32."""
     try:
@@ -437,20 +552,20 @@ def cpu_has_fast_bf16() -> bool:
     return any(flag in flags.split() for flag in ('avx512_bf16', 'amx_bf16'))
 
 
-def resolve_precision(cfg: Dict[str, Any], device_type: str) -> Tuple[str, bool]:
+def resolve_precision(run: RunConfig, device_type: str) -> Tuple[str, bool]:
     """The (mixed_precision, channels_last) a run uses on ``device_type`` ('cpu' / 'cuda' / ...), resolving 'auto'
     from what was measured fastest (benchmarks/README.md): bf16 autocast + channels_last on GPUs with bf16 and on
     CPUs with AVX512-BF16/AMX, float32 NCHW elsewhere."""
-    precision = cfg['mixed_precision']
+    precision = run.mixed_precision
     if precision == 'auto':
         if device_type == 'cuda':
-            import torch
+            import torch  # lazy: this module loads without torch, so --help and config errors are instant
             precision = 'bf16' if torch.cuda.is_bf16_supported() else 'no'
         elif device_type == 'cpu':
             precision = 'bf16' if cpu_has_fast_bf16() else 'no'
         else:
             precision = 'no'
-    channels_last = cfg['channels_last']
+    channels_last = run.channels_last
     if channels_last == 'auto':
         channels_last = precision == 'bf16' or device_type == 'cuda'
     return precision, bool(channels_last)
@@ -470,41 +585,3 @@ def default_threads(processes_here: int = 1) -> int:
         busy = 0.0
     idle = max(1, int(round(cores - busy)))
     return max(1, min(cores // max(1, processes_here), idle))
-
-
-def generator_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Constructor kwargs of ``damage_repair_generator`` for this config (saved to model_args.json)."""
-    kwargs = dict(
-        stem_width=int(cfg['gen_stem_width']),
-        widths=[int(w) for w in cfg['gen_widths']],
-        encoder_kernel_size=int(cfg['encoder_kernel_size']),
-        leak=float(cfg['leak']),
-        theta=float(cfg['theta']),
-        fill=cfg['fill'],
-        repair=cfg['repair'],
-        gate=bool(cfg['gate']),
-        bn_momentum=float(cfg['bn_momentum']),
-        bn_eps=float(cfg['bn_eps']),
-    )
-    kwargs.update(cfg['generator_kwargs'])
-    return kwargs
-
-
-def discriminator_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Constructor kwargs of ``alexnet_spot_discriminator``: fc6 spans the conv5 map; no mask head without mask loss
-    (an unused head would get no gradient, which DDP rejects)."""
-    kwargs = dict(head_kernel_size=math.ceil(cfg['img_size'] / 16), mask_head=float(cfg['mask_loss_weight']) > 0)
-    kwargs.update(cfg['discriminator_kwargs'])
-    return kwargs
-
-
-def format_keys_help() -> str:
-    lines = ['config keys (YAML file or --set key=value; defaults = the paper\'s ImageNet recipe):']
-    for key, default, text in _SPEC:
-        lines.append(f'  {key} (default {default!r}): {text}')
-    lines.append('ablation presets (Table 1): ' + '; '.join(f'{k}: {v}' for k, v in ABLATION_NAMES.items()))
-    return '\n'.join(lines)
-
-
-def dump_yaml(cfg: Dict[str, Any]) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

@@ -20,7 +20,8 @@ from timm_spot.models.damage_repair_generator import upsample_mask as _upsample_
 
 
 def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, weight: float = 30.0) -> torch.Tensor:
-    """Stage 1: ``weight * mean((D(E(x)) - x)**2)`` (code: ``mean_squared_error(..., weights=30)``)."""
+    """Stage 1, L_auto of Eq. (3): ``weight * mean((D(E(x)) - x)**2)`` (code: ``mean_squared_error(...,
+    weights=30)``)."""
     return weight * F.mse_loss(output.float(), target.float())
 
 
@@ -85,7 +86,7 @@ def discriminator_objective(real_logits: torch.Tensor, corrupt_logits: torch.Ten
                             real_mask_logits: Optional[torch.Tensor], corrupt_mask_logits: Optional[torch.Tensor],
                             corrupt_masks: Optional[torch.Tensor], class_weight: float = 1.0,
                             mask_weight: float = 0.1) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """L_C, C's objective (paper Sec. 4.4, eq. 3 with the mask term of Sec. 4.3; docs/method.md):
+    """L_C, C's objective (paper Sec. 4.3: C's side of Eq. (4), max over C, plus L_mask, Eq. (5); docs/method.md):
     ``class_weight * CE(real vs corrupt) + mask_weight * sigmoid-CE(mask logits, Omega)`` (weight decay is added
     by the trainer). No mask term without mask logits or masks (ablations g, l). Returns the total and its parts
     ``c_class``, ``c_mask``."""
@@ -102,7 +103,8 @@ def repair_objective(real_logits: torch.Tensor, corrupt_logits: torch.Tensor,
                      x_hat: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor], kind: str = 'nonsaturating',
                      adv_weight: float = 1.0, rec_weight: float = 30.0, class_weight: float = 1.0,
                      mask_weight: float = 0.1) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """L_R, the repair network's objective (paper Sec. 4.4; docs/method.md), from C's outputs on [real; x_hat]:
+    """L_R, the repair network's objective (paper Sec. 4.3-4.4: R's side of Eq. (4), min over R, plus the L2 on kept
+    cells of Sec. 4.4; docs/method.md), from C's outputs on [real; x_hat]:
 
     * ``nonsaturating`` (paper): ``adv_weight * BCE(C(x_hat), real) + rec_weight * L2 on kept cells``;
     * ``code`` (the authors' code sums every loss in R's scope): ``L_C(true labels) + adv_weight * CE(swapped

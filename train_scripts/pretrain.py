@@ -29,6 +29,7 @@ if __package__ in (None, ''):
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
     sys.path.insert(0, _root)
 
+from timm_spot.run_layout import RunLayout  # noqa: E402
 from train_scripts import config as config_lib  # noqa: E402
 
 # dedicated flags -> config keys (everything else: --set key=value)
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv=None):
-    """Resolved config dict from command-line arguments (see --help)."""
+    """The resolved :class:`~train_scripts.config.PretrainConfig` and the parsed arguments (see --help)."""
     args = build_parser().parse_args(argv)
     explicit = {}
     if args.config is not None:
@@ -103,14 +104,14 @@ def config_from_args(argv=None):
     demo_dir = user.get('output_dir') if args.config is None else None
     user.update(cli)
     cfg = config_lib.resolve(user)
-    if cfg['resume']:
-        saved_path = os.path.join(cfg['output_dir'], 'config.yaml')
+    if cfg.run.resume:
+        saved_path = str(RunLayout(cfg.run.output_dir).config)
         if os.path.isfile(saved_path):
             saved = config_lib.load_yaml(saved_path)
             base = dict(config_lib.DEFAULTS)
             base.update({k: v for k, v in saved.items() if k not in config_lib.RUNTIME_KEYS})
             try:
-                config_lib.validate(dict(base))
+                base = config_lib.PretrainConfig.from_flat(base).to_flat()
             except config_lib.ConfigError as e:
                 raise config_lib.ConfigError(f'the saved config {saved_path} of the run to resume: {e}') from None
             again = dict(explicit)
@@ -118,9 +119,9 @@ def config_from_args(argv=None):
             cfg = config_lib.resolve(again, base=base)
             # refuse a shape change before anything is written (config.yaml stays the resumed run's)
             config_lib.check_resume_compatible(base, cfg, saved_path)
-    elif demo_dir is not None and cfg['output_dir'] == demo_dir and 'overwrite' not in cli:
+    elif demo_dir is not None and cfg.run.output_dir == demo_dir and 'overwrite' not in cli:
         # the demo (no --config) re-run into its own default dir starts afresh; any other --output-dir is guarded
-        cfg['overwrite'] = True
+        cfg = cfg.replace(overwrite=True)
     return cfg, args
 
 
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config_lib.dump_yaml(cfg))
         return 0
+    # lazy: --help, --print-config and config errors answer without loading torch and Accelerate
     from train_scripts.checkpoint import DiskFullError, disk_full_message, is_disk_full, read_latest
     from train_scripts.trainer import NonFiniteLossError, Pretrainer
 
@@ -159,15 +161,15 @@ def main(argv=None) -> int:
                 print(f'error: {e}', file=sys.stderr, flush=True)
                 return 2
             raise
-        out = os.path.abspath(cfg['output_dir'])
-        kept = read_latest(os.path.join(out, 'checkpoints'))
+        out = os.path.abspath(cfg.run.output_dir)
+        kept = read_latest(str(RunLayout(out).checkpoints))
         print(f'error: {disk_full_message("the outputs", out, kept)} ({e})', file=sys.stderr, flush=True)
         return 4
     except RuntimeError as e:
         if not is_disk_full(e):
             raise
-        out = os.path.abspath(cfg['output_dir'])
-        kept = read_latest(os.path.join(out, 'checkpoints'))
+        out = os.path.abspath(cfg.run.output_dir)
+        kept = read_latest(str(RunLayout(out).checkpoints))
         print(f'error: {disk_full_message("the outputs", out, kept)}', file=sys.stderr, flush=True)
         return 4
     except _input_errors() as e:

@@ -459,6 +459,21 @@ class DamageRepairGenerator(nn.Module):
         """Parameters of the repair network R: what stage 2 trains adversarially (empty for ``repair='none'``)."""
         return self.repair.parameters()
 
+    @torch.jit.ignore
+    def set_pretraining_stage(self, stage: int) -> 'DamageRepairGenerator':
+        """Modes and trainable parameters of a pretraining stage (paper Sec. 4.5): stage 1 trains the autoencoder
+        {E, D, to_rgb}; stage 2 freezes it (no gradients, BatchNorm on its running statistics) and trains R."""
+        if stage not in (1, 2):
+            raise ValueError(f'pretraining stage must be 1 or 2, got {stage!r}')
+        self.requires_grad_(False)
+        self.train()
+        for p in self.autoencoder_parameters() if stage == 1 else self.repair_parameters():
+            p.requires_grad_(True)
+        if stage == 2:
+            for frozen in (self.encoder, self.decoder, self.to_rgb):
+                frozen.eval()
+        return self
+
     # ----------------------------------------------------------------------------------------------------------
     # Paper components
     # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ sample in a step (process ``r`` takes slice ``r`` of the global batch).
 
 Streaming datasets (Hub ids with ``streaming: true``) are sharded with
 ``datasets.distributed.split_dataset_by_node``; their position is (epoch, examples consumed) per process, restored
-with ``IterableDataset.skip`` (exact order on resume needs the same process count).
+with ``IterableDataset.skip`` (exact order on resume needs the same process count). ``datasets``' own resumable
+state (``IterableDataset.state_dict``) is not used: it does not save the shuffle buffer's content, which is refilled on
+load, so a resumed run would see other examples than an uninterrupted one (huggingface/datasets#7444).
 """
 from __future__ import annotations
 
@@ -21,7 +23,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets.distributed import split_dataset_by_node
 from PIL import Image
+
+from timm_spot.data import decode_image, holdout_split, load_image_source
+
+from .config import AugmentConfig, DataConfig, PretrainConfig
 
 # tags that separate the random streams derived from one (seed, stage, step, rank)
 TAG_DATA, TAG_MASK, TAG_HISTORY, TAG_NOISE, TAG_TORCH, TAG_PERM, TAG_INIT, TAG_FIGURE = range(1, 9)
@@ -123,25 +130,25 @@ def color_jitter(x: torch.Tensor, rng: np.random.Generator, bright_max_delta: fl
     return x
 
 
-def train_transform(image: Image.Image, cfg: Dict[str, Any], rng: np.random.Generator) -> torch.Tensor:
+def train_transform(image: Image.Image, aug: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
     """Random resized crop, bilinear/bicubic resize, h-flip, optional colour jitter -> [3, S, S] in [-1, 1].
 
     Small images (CIFAR's 32 px) are upsampled to ``img_size`` by the resize.
     """
-    size = int(cfg['img_size'])
-    top, left, h, w = crop_params(image.height, image.width, cfg['crop_scale'], cfg['crop_ratio'], rng)
+    size = aug.img_size
+    top, left, h, w = crop_params(image.height, image.width, aug.crop_scale, aug.crop_ratio, rng)
     x = _to_tensor(image.crop((left, top, left + w, top + h)))  # only the crop becomes float (uint8 crop: exact)
     coin = rng.random()
-    mode = cfg['interpolation'] if cfg['interpolation'] != 'random' else ('bilinear' if coin > 0.5 else 'bicubic')
-    x = _resize(x, size, mode, bool(cfg['antialias']))
-    if cfg['hflip'] and rng.random() < 0.5:
+    mode = aug.interpolation if aug.interpolation != 'random' else ('bilinear' if coin > 0.5 else 'bicubic')
+    x = _resize(x, size, mode, aug.antialias)
+    if aug.hflip and rng.random() < 0.5:
         x = x.flip(-1)
-    if cfg['color_jitter']:
+    if aug.color_jitter:
         x = color_jitter(x, rng)
     return (x * 2.0 - 1.0).clamp_(-1.0, 1.0)
 
 
-def eval_transform(image: Image.Image, size: int, central_fraction: float = 0.85) -> torch.Tensor:
+def figure_crop(image: Image.Image, size: int, central_fraction: float = 0.85) -> torch.Tensor:
     """Central crop of 85 % of each side, bilinear resize to ``size`` -> [3, S, S] in [-1, 1] (figures)."""
     x = _to_tensor(image)
     h, w = x.shape[1], x.shape[2]
@@ -155,37 +162,31 @@ def eval_transform(image: Image.Image, size: int, central_fraction: float = 0.85
 # Sources
 # ----------------------------------------------------------------------------------------------------------------
 
-def open_source(cfg: Dict[str, Any]):
+def open_source(data: DataConfig):
     """The configured ``datasets`` (Iterable)Dataset with an encoded image column (errors name a missing column)."""
-    from timm_spot.data import load_image_source
-
-    source = cfg['data']
-    if source in (None, 'builtin'):
-        source = None
-    per_class = cfg.get('holdout_per_class')
-    ds = load_image_source(source, split=cfg['split'], streaming=bool(cfg['streaming']),
-                           image_column=cfg['image_column'],
-                           label_column=cfg['holdout_label_column'] if per_class else None)
+    source = None if data.data in (None, 'builtin') else data.data
+    per_class = data.holdout_per_class
+    ds = load_image_source(source, split=data.split, streaming=data.streaming, image_column=data.image_column,
+                           label_column=data.holdout_label_column if per_class else None)
     if per_class:
-        if bool(cfg['streaming']):
+        if data.streaming:
             raise ValueError('holdout_per_class needs a map-style dataset (streaming: false)')
-        from timm_spot.data import holdout_split
-        train_idx, _ = holdout_split(ds[cfg['holdout_label_column']], per_class=int(per_class))
+        train_idx, _ = holdout_split(ds[data.holdout_label_column], per_class=per_class)
         ds = ds.select(train_idx)
     return ds
 
 
-def dataset_length(ds, cfg: Dict[str, Any]) -> Optional[int]:
+def dataset_length(ds, data: DataConfig) -> Optional[int]:
     """Images per epoch: len() of a map-style dataset, else ``dataset_size`` or the split info (streaming)."""
-    if cfg['dataset_size']:
-        return int(cfg['dataset_size'])
+    if data.dataset_size:
+        return data.dataset_size
     try:
         return len(ds)
     except TypeError:
         pass
     info = getattr(ds, 'info', None)
     splits = getattr(info, 'splits', None) or {}
-    split = splits.get(cfg['split']) if hasattr(splits, 'get') else None
+    split = splits.get(data.split) if hasattr(splits, 'get') else None
     if split is not None and getattr(split, 'num_examples', None):
         return int(split.num_examples)
     return None
@@ -200,19 +201,18 @@ class MapStyleBatches(torch.utils.data.Dataset):
     dataset order and counted in ``skipped``.
     """
 
-    def __init__(self, ds, cfg: Dict[str, Any], stage: int, rank: int, world: int, num_steps: int) -> None:
-        self.ds = ds.select_columns([cfg['image_column']]) if hasattr(ds, 'select_columns') else ds
-        self.column = cfg['image_column']
-        self.source = cfg['data']
-        self.cfg = {k: cfg[k] for k in ('img_size', 'crop_scale', 'crop_ratio', 'interpolation', 'antialias',
-                                        'hflip', 'color_jitter')}
-        self.seed = int(cfg['seed'])
-        self.batch_size = int(cfg['batch_size'])
+    def __init__(self, ds, cfg: PretrainConfig, stage: int, rank: int, world: int, num_steps: int) -> None:
+        self.column = cfg.data.image_column
+        self.ds = ds.select_columns([self.column]) if hasattr(ds, 'select_columns') else ds
+        self.source = cfg.data.data
+        self.augment = cfg.augment
+        self.seed = cfg.run.seed
+        self.batch_size = cfg.schedule.batch_size
         self.stage, self.rank, self.world = stage, rank, world
         self.num_steps = num_steps
         self.n = len(ds)
         if self.n == 0:
-            raise DataError(f"data source {cfg['data']!r} holds no images")
+            raise DataError(f"data source {self.source!r} holds no images")
         self._perm_epoch: Optional[int] = None
         self._perm: Optional[np.ndarray] = None
 
@@ -239,8 +239,6 @@ class MapStyleBatches(torch.utils.data.Dataset):
         return int(self.permutation(epoch)[pos])
 
     def __getitem__(self, step: int):
-        from timm_spot.data import decode_image
-
         images, indices, unreadable = [], [], []
         for j in range(self.batch_size):
             idx = self.sample_index(step, j)
@@ -257,7 +255,7 @@ class MapStyleBatches(torch.utils.data.Dataset):
                                     f'{self.column!r} (from row {idx}); is it the image column, are the files images?')
                 idx = (idx + 1) % self.n
             rng = numpy_rng(self.seed, self.stage, step, self.rank, j, TAG_DATA)
-            images.append(train_transform(image, self.cfg, rng))
+            images.append(train_transform(image, self.augment, rng))
             indices.append(idx)
         # unreadable: the rows (not the retries) that could not be decoded in this batch; the trainer counts
         # each row once per run and names it once
@@ -303,19 +301,16 @@ class StreamingBatches:
     in a thread pool (``num_workers`` threads). Yields ``(images, skipped, indices, (epoch, offset))`` where indices
     are -1 (streams have no row ids) and (epoch, offset) is the position after the batch."""
 
-    def __init__(self, ds, cfg: Dict[str, Any], stage: int, rank: int, world: int, num_steps: int,
+    def __init__(self, ds, cfg: PretrainConfig, stage: int, rank: int, world: int, num_steps: int,
                  position: StreamPosition) -> None:
-        from datasets.distributed import split_dataset_by_node
-
-        self.cfg = {k: cfg[k] for k in ('img_size', 'crop_scale', 'crop_ratio', 'interpolation', 'antialias',
-                                        'hflip', 'color_jitter')}
-        self.column = cfg['image_column']
-        self.seed, self.stage, self.rank = int(cfg['seed']), stage, rank
-        self.batch_size = int(cfg['batch_size'])
+        self.augment = cfg.augment
+        self.column = cfg.data.image_column
+        self.seed, self.stage, self.rank = cfg.run.seed, stage, rank
+        self.batch_size = cfg.schedule.batch_size
         self.num_steps = num_steps
-        self.num_workers = max(1, int(cfg['num_workers']))
+        self.num_workers = max(1, cfg.data.num_workers)
         shard = split_dataset_by_node(ds, rank=rank, world_size=world) if world > 1 else ds
-        self.ds = shard.shuffle(seed=derive_seed(self.seed, stage) % (2 ** 32), buffer_size=int(cfg['shuffle_buffer']))
+        self.ds = shard.shuffle(seed=derive_seed(self.seed, stage) % (2 ** 32), buffer_size=cfg.data.shuffle_buffer)
         self.position = position
 
     def _examples(self, epoch: int, offset: int) -> Iterator[Tuple[int, int, Any]]:
@@ -333,14 +328,12 @@ class StreamingBatches:
             epoch, offset = epoch + 1, 0
 
     def iterate(self, start_step: int) -> Iterator:
-        from timm_spot.data import decode_image
-
         def work(args):
             step, j, cell = args
             image = decode_image(cell)
             if image is None:
                 return None
-            return train_transform(image, self.cfg, numpy_rng(self.seed, self.stage, step, self.rank, j, TAG_DATA))
+            return train_transform(image, self.augment, numpy_rng(self.seed, self.stage, step, self.rank, j, TAG_DATA))
 
         out: 'queue.Queue' = queue.Queue(maxsize=2)
         stop = threading.Event()
@@ -394,16 +387,14 @@ class StreamingBatches:
             stop.set()
 
 
-def figure_images(ds, cfg: Dict[str, Any], count: int) -> torch.Tensor:
+def figure_images(ds, cfg: PretrainConfig, count: int) -> torch.Tensor:
     """``count`` readable images spread over the dataset (streams: the first ones), test preprocessing.
 
     Also the run's first check of its data: a source without a single readable image fails here, before the
     output directory is touched.
     """
-    from timm_spot.data import decode_image
-
-    size = int(cfg['img_size'])
-    column = cfg['image_column']
+    size = cfg.augment.img_size
+    column = cfg.data.image_column
     out: List[torch.Tensor] = []
     tried = 0
     try:
@@ -422,7 +413,7 @@ def figure_images(ds, cfg: Dict[str, Any], count: int) -> torch.Tensor:
             tried += 1
             image = decode_image(ds[int(idx)][column])
             if image is not None:
-                out.append(eval_transform(image, size))
+                out.append(figure_crop(image, size))
     else:
         for i, row in enumerate(ds):
             if len(out) >= count or i > count * 4:
@@ -430,8 +421,8 @@ def figure_images(ds, cfg: Dict[str, Any], count: int) -> torch.Tensor:
             tried += 1
             image = decode_image(row[column])
             if image is not None:
-                out.append(eval_transform(image, size))
+                out.append(figure_crop(image, size))
     if not out:
-        raise DataError(f'data source {cfg["data"]!r} has no readable image: none of the {tried} rows tried in column '
+        raise DataError(f'data source {cfg.data.data!r} has no readable image: none of the {tried} rows tried in column '
                         f'{column!r} decodes; check --image-column and that the files are images PIL can read')
     return torch.stack(out)
