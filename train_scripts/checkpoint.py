@@ -22,7 +22,7 @@ import uuid
 import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from timm_spot.eval.data import file_sha256
+from timm_spot.eval.labelled import file_sha256
 
 CHECKPOINT_DIR = 'checkpoints'
 LATEST = 'latest'

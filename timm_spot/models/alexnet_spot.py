@@ -37,7 +37,7 @@ from timm.models._features_fx import register_notrace_module
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 
-from ._builder import PAPER_CFG, build_spot_model
+from ._spot_builder import PAPER_CFG, build_spot_model
 from ._releases import release_cfgs
 
 __all__ = ['AlexNetSpot', 'ConvFcHead', 'SPOT_MEAN', 'SPOT_STD', 'checkpoint_filter_fn', 'fold_batchnorm']

@@ -27,7 +27,7 @@ import torch.nn as nn
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._registry import generate_default_cfgs, register_model
 
-from ._builder import build_spot_model, upcast_state_dict
+from ._spot_builder import build_spot_model, upcast_state_dict
 from ._releases import release_cfgs
 from .alexnet_spot import SPOT_MEAN, AlexNetSpot, checkpoint_filter_fn
 from .alexnet_spot import _cfg as _backbone_cfg

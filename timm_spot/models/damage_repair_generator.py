@@ -81,7 +81,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
-from ._builder import PAPER_CFG, build_spot_model, upcast_state_dict
+from ._spot_builder import PAPER_CFG, build_spot_model, upcast_state_dict
 from ._releases import release_cfgs
 
 __all__ = ['DamageRepairGenerator']
