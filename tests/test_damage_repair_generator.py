@@ -367,7 +367,7 @@ def test_parameter_groups_partition_the_model():
     assert ae and rep and not ae & rep
     assert ae | rep == {id(p) for p in model.parameters()}
     assert {id(p) for p in model.repair.parameters()} == rep
-    from timm.models._manipulate import group_parameters
+    from timm.models import group_parameters
     groups = group_parameters(model, model.group_matcher(), reverse=True)
     assert len(set(groups.values())) > 1
     assert groups['encoder.0.conv.weight'] < groups['encoder.1.conv.weight'] < groups['decoder.0.conv.weight']

@@ -32,10 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from timm.layers import ClassifierHead, create_conv2d, create_pool2d, get_device_dtype
-from timm.models._features import feature_take_indices
-from timm.models._features_fx import register_notrace_module
-from timm.models._manipulate import checkpoint_seq
-from timm.models._registry import generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model, register_notrace_module
+from timm.models._features import feature_take_indices  # private: timm 1.0.31 has no public name for it
 
 from ._spot_builder import PAPER_CFG, build_spot_model
 from ._releases import release_cfgs

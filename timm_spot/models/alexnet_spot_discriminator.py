@@ -24,8 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models._builder import resolve_pretrained_cfg
-from timm.models._registry import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from ._spot_builder import build_spot_model, upcast_state_dict
 from ._releases import release_cfgs
