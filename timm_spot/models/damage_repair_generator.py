@@ -1,70 +1,15 @@
-"""Damage & Repair generator of "Self-Supervised Feature Learning by Learning to Spot Artifacts".
+"""Damage & repair generator of "Learning to Spot Artifacts" (``damage_repair_generator``).
 
-Paper: Simon Jenni and Paolo Favaro, CVPR 2018, https://arxiv.org/abs/1806.05024
-Authors' TensorFlow 1 demo code: https://github.com/sjenni/LearningToSpotArtifacts (MIT licence).
+Paper: Jenni & Favaro, CVPR 2018, https://arxiv.org/abs/1806.05024 ; authors' TF demo code:
+https://github.com/sjenni/LearningToSpotArtifacts (models/AutoEncoder.py, models/SpotNet.py, layers.py).
 
-The generator produces the two kinds of image the discriminator (``alexnet_spot_discriminator``) learns
-to tell apart:
+An autoencoder {E, D} whose output ``D(E(x))`` is the discriminator's 'real' example, and the damage & repair path
+that makes its 'corrupt' example: cells of ``phi = E(x)`` are dropped (mask Omega), filled with a 3x3 average, and
+repaired by gated residual blocks R interleaved with the decoder. Layers are timm's (``ConvNormAct``,
+``create_conv2d``, ``BatchNormAct2d``); :class:`DamageRepairGenerator` lists the methods the trainer uses and the
+timm API (``forward_features`` returns the generated image).
 
-* real examples are *autoencoded* images ``D(E(x))`` (the paper's Sec. 4.2: the decoder's own pixel
-  patterns then appear in both classes, so they cannot be used to spot corrupt images);
-* corrupt examples are made by the *damage & repair* network: the encoder feature ``phi = E(x)`` is
-  damaged by dropping whole spatial cells (all channels) with probability ``theta``, the dropped cells
-  are filled with a 3x3 average of ``phi`` (or noise), and a small *repair network* ``R`` of gated
-  residual blocks, interleaved with the (frozen) decoder layers, inpaints the dropped entries:
-  ``x_hat = D_hat(Omega * phi + (1 - Omega) * avgpool3x3(phi), Omega)``.
-
-Architecture (paper Sec. 4.1, 4.4, Fig. 2, 4, 5; code ``models/AutoEncoder.py``, ``models/SpotNet.py``,
-``layers.py``), with ``k = len(widths)``:
-
-* Encoder ``E`` (``self.encoder``, ``nn.Sequential``): ``encoder.0`` = 3x3/1 conv, ``stem_width`` (32)
-  filters; ``encoder.1..k`` = ``encoder_kernel_size`` (2) x 2 stride-2 convs with ``widths``
-  (64-128-256-512, the paper's widths). Every layer is conv -> BatchNorm -> LeakyReLU, TF 'SAME'
-  padding (timm's ``create_conv2d(padding='same')``, asymmetric where TF is). ``phi`` has
-  ``H / 2**k x W / 2**k`` cells, each seeing an 18x18 input patch (1 px overlap each side); with
-  ``encoder_kernel_size=3`` (Table 1 ablation (h)) each cell sees 33x33 pixels.
-* Decoder ``D`` (``self.decoder``): ``k`` resize-convolutions, bilinear 2x upsampling -> 3x3 conv ->
-  BN -> LeakyReLU, widths mirroring the encoder (256-128-64-32), then ``self.to_rgb`` (3x3 conv to
-  ``in_chans``, with bias, no BN) and ``tanh``: images are in [-1, 1].
-* Drop mask ``Omega`` (``sample_mask``): one Bernoulli draw per cell of ``phi`` shared by all channels,
-  ``1`` = kept, ``0`` = dropped with probability ``theta`` (the DROP rate; the demo code passes 0.3 as
-  the *keep* probability of ``my_dropout``, i.e. it drops 70 %; the paper's baseline drops 50 %).
-* ``damage``: ``phi_hat = Omega * phi + (1 - Omega) * fill``; ``fill='avg'`` is the 3x3, stride 1 'SAME'
-  average pool of ``phi`` (TF's 'SAME' avg-pool excludes the padding: ``count_include_pad=False``);
-  ``fill='noise'`` replaces dropped cells by standard normal noise (the paper's alternative, which it
-  reports performs about the same).
-* Repair network ``R`` (``self.repair``, ``RepairBlock``): gated residual blocks,
-  ``out = in + (1 - Omega_up) * res(in, Omega_up)`` with ``res`` = [BN + LeakyReLU pre-activation
-  (identity in the first block, which acts on ``phi_hat`` directly)] -> concat mask channel -> 3x3 conv
-  -> BN -> LeakyReLU -> 3x3 conv. Kept cells pass through bit-exactly. ``repair='distributed'`` (paper):
-  ``k + 1`` blocks, one on ``phi_hat`` and one after every resize-conv (including the last one at full
-  resolution). Ablations: ``repair='local'`` (b), all ``k + 1`` blocks at ``phi``'s resolution before
-  ``D1``; ``gate=False`` (i), ``out = in + res``; ``repair='none'`` (k), no repair network. The mask is
-  nearest-neighbour upsampled to each decoder resolution.
-
-Training (done by the pretext trainer, not here): stage 1 trains ``autoencoder_parameters()``
-(E, D, to_rgb) with an MSE reconstruction loss; stage 2 freezes them (BN in eval mode) and trains only
-``repair_parameters()`` adversarially against the discriminator.
-
-Paper vs code choices made here (docs/method.md lists them all):
-
-* leaky ReLU slope 0.1 (paper ``max(x/10, x)``; the code uses ``tf.nn.leaky_relu``'s 0.2): ``leak``;
-* the pre-activation is skipped in the FIRST repair block only (paper Fig. 5; the demo code passes
-  ``idx=0`` to every ``repair_res_layer`` and so skips it in all blocks);
-* BatchNorm as TF: decay 0.975 -> PyTorch ``momentum=0.025``, ``eps=1e-3``, with scale and centre; convs
-  followed by BN have no bias (as ``slim.conv2d`` with a normaliser), the others have one;
-* weights use TF-contrib's ``variance_scaling_initializer(factor=2, mode='FAN_AVG')`` (truncated normal),
-  the code's ``he`` initialiser; biases 0, BN weight 1 / bias 0;
-* bilinear upsampling uses PyTorch's half-pixel-centre convention (``align_corners=False``); TF1's legacy
-  ``tf.image.resize_images`` samples without the half-pixel offset, i.e. its output is shifted by half
-  an input pixel. Ported TF weights therefore reproduce the TF outputs only approximately.
-
-timm API: ``forward_features(x)`` returns the GENERATED IMAGE ``[B, in_chans, H, W]`` in [-1, 1] (so
-``num_features == in_chans``): in train mode the damage & repair image with a fresh random mask (like
-dropout), in eval mode the deterministic autoencoded image. ``forward`` adds timm's ``ClassifierHead``
-(``num_classes=0`` by default: globally pooled images; ``num_classes=0, global_pool=''`` makes the model
-an image-to-image model). ``feature_info`` / ``features_only`` / ``forward_intermediates`` expose the
-five encoder outputs.
+The architecture, the paper vs the authors' code and the choices made here: docs/method.md.
 """
 import math
 from collections import OrderedDict
