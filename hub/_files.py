@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from timm_spot.eval.data import file_sha256
+from timm_spot.eval.labelled import file_sha256
 
 PathLike = Union[str, os.PathLike]
 

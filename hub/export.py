@@ -230,7 +230,7 @@ def registry_report(name: str, model_args: Dict[str, Any], shapes: Dict[str, Seq
     table yet is compared with the cfg its row will give (``img_size``, default 128).
     """
     import timm
-    from timm.models._input import get_model_args
+    from timm.models import get_model_args
     _import_models()
     if tag and not _is_registered(name, tag):
         from timm_spot.models._releases import release_cfg
@@ -368,7 +368,7 @@ def export_model(
     float32, else float32 with a warning), ``'bfloat16'`` (an error beyond the tolerance) or ``'float32'``.
     """
     import timm
-    from timm.models._hub import save_config_for_hf
+    from timm.models._hub import save_config_for_hf  # private: no public name in timm 1.0.31
     _import_models()
     import timm_spot
 

@@ -351,7 +351,7 @@ def test_default_model_structure_and_cfg():
     assert [shapes[f'repair.{i}.conv2.weight'][0] for i in range(5)] == [512, 256, 128, 64, 32]
     bn = model.encoder[1].bn
     assert bn.momentum == 0.025 and bn.eps == 1e-3
-    assert model.encoder[1].act.negative_slope == 0.1
+    assert model.encoder[1].bn.act.negative_slope == 0.1
     assert model.num_features == 3 and model.num_classes == 0
     assert model.feature_info == [
         dict(num_chs=32, reduction=1, module='encoder.0'), dict(num_chs=64, reduction=2, module='encoder.1'),
@@ -367,7 +367,7 @@ def test_parameter_groups_partition_the_model():
     assert ae and rep and not ae & rep
     assert ae | rep == {id(p) for p in model.parameters()}
     assert {id(p) for p in model.repair.parameters()} == rep
-    from timm.models._manipulate import group_parameters
+    from timm.models import group_parameters
     groups = group_parameters(model, model.group_matcher(), reverse=True)
     assert len(set(groups.values())) > 1
     assert groups['encoder.0.conv.weight'] < groups['encoder.1.conv.weight'] < groups['decoder.0.conv.weight']
@@ -544,3 +544,103 @@ def test_pretrained_without_published_weights_raises_clearly(monkeypatch, tmp_pa
     rel = find_release(MODEL, None)
     assert (rel.repo_id if rel else 'has no pretrained weights') in msg
     assert 'pretrained_cfg_overlay' in msg
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Norm + act layers (timm's BatchNormAct2d) and the released weights
+# ------------------------------------------------------------------------------------------------------------------
+
+def _norm_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+@torch.no_grad()
+def test_leak_and_bn_kwargs_reach_every_norm_act_layer():
+    model = _small(leak=0.2, bn_momentum=0.1, bn_eps=1e-5)
+    norms = _norm_layers(model)
+    # E: 5, D: 4, R: 5 blocks with bn1 plus 4 pre-activations
+    assert len(norms) == 5 + 4 + 5 + 4
+    for m in norms:
+        assert (m.momentum, m.eps) == (0.1, 1e-5)
+        assert isinstance(m.act, nn.LeakyReLU) and m.act.negative_slope == 0.2 and not m.act.inplace
+    # values: one train-mode encoder step moves the stem's running mean by momentum * batch mean
+    x = _images(2, 32)
+    stem = model.encoder[0]
+    pre = stem.conv(x)
+    model.train()
+    out = stem(x)
+    torch.testing.assert_close(stem.bn.running_mean, 0.1 * pre.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-7)
+    z = (pre - pre.mean(dim=(0, 2, 3), keepdim=True)) / torch.sqrt(pre.var(dim=(0, 2, 3), unbiased=False,
+                                                                         keepdim=True) + 1e-5)
+    torch.testing.assert_close(out, F.leaky_relu(z, 0.2), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_norm_layer_and_act_layer_kwargs():
+    x = _images(2, 32)
+    relu = _small(act_layer='relu').eval()
+    assert all(isinstance(m.act, nn.ReLU) for m in _norm_layers(relu))
+    assert relu.encode(x).min() >= 0  # LeakyReLU features go negative, ReLU ones do not
+    assert _small().eval().encode(x).min() < 0
+    # a given norm_layer replaces the default BatchNorm settings (bn_eps applies to the default only)
+    bn = _small(norm_layer=nn.BatchNorm2d, bn_eps=1e-2)
+    assert {(m.eps, m.momentum) for m in _norm_layers(bn)} == {(1e-5, 0.1)}
+    # the state dict is the same whichever norm / act is used
+    assert list(relu.state_dict()) == list(_small().state_dict()) == list(bn.state_dict())
+
+
+def _generator_releases():
+    from timm_spot.models._releases import releases
+    return [r.name for r in releases(MODEL)]
+
+
+@pytest.mark.parametrize('name', _generator_releases())
+def test_released_state_dict_keys_match_a_fresh_model(name):
+    """The shipped safetensors keys are exactly those of a model built from its config.json (no remapping)."""
+    import json
+    from safetensors import safe_open
+    folder = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'hub', name)
+    with open(os.path.join(folder, 'config.json')) as f:
+        model_args = json.load(f)['model_args']
+    with safe_open(os.path.join(folder, 'model.safetensors'), framework='pt') as f:
+        released = sorted(f.keys())
+    model = timm.create_model(MODEL, **model_args)
+    assert sorted(model.state_dict()) == released
+
+
+# Outputs of the released generators in float32 eval mode, for the input and mask of
+# test_released_generator_outputs_are_pinned (recorded when the layers moved to timm's ConvNormAct / BatchNormAct2d,
+# bit-identical to the hand-written conv -> BatchNorm2d -> LeakyReLU layers before). Per tensor: (mean, mean |.|).
+_PINNED = {
+    'damage_repair_generator.spot_c10_64_v2': dict(
+        phi=(0.5978516978766717, 0.6859681749677395),
+        phi_hat=(0.5973324774831998, 0.6338633019565418),
+        x_hat=(0.4424792172343987, 0.5220363176433492),
+        autoencoded=(0.10865663225581557, 0.24681747704724208),
+        x_hat_row=[[-0.05350322, -0.11037267, -0.15203114, -0.18509352],
+                   [0.26144004, 0.20291640, 0.15401624, 0.12276006],
+                   [0.27275306, 0.23133458, 0.19275960, 0.16759571]],
+        forward=[[-0.07929777, 0.18956842, 0.15096118], [0.04035572, 0.17952429, 0.17082794]],
+    ),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_PINNED))
+@torch.no_grad()
+def test_released_generator_outputs_are_pinned(name):
+    assert name in _generator_releases(), f'{name} is no longer a release: update _PINNED'
+    root = os.path.dirname(os.path.dirname(__file__))
+    model = timm.create_model(f"local-dir:{os.path.join(root, 'hub', name)}", pretrained=True).float().eval()
+    want = _PINNED[name]
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    phi = model.encode(x)
+    mask = model.sample_mask(2, phi.shape[-1], generator=torch.Generator().manual_seed(0))
+    assert mask.flatten().nonzero().flatten().tolist() == [1, 7, 17, 21, 23, 26, 31]  # theta 0.7: 7 of 32 kept
+    phi_hat = model.damage(phi, mask)
+    x_hat = model.repair_decode(phi_hat, mask)
+    got = dict(phi=phi, phi_hat=phi_hat, x_hat=x_hat, autoencoded=model.decode(phi))
+    for key, t in got.items():
+        stats = (t.double().mean().item(), t.double().abs().mean().item())
+        assert stats == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    torch.testing.assert_close(x_hat[0, :, 10, 20:24], torch.tensor(want['x_hat_row']), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(x), torch.tensor(want['forward']), rtol=1e-5, atol=1e-6)

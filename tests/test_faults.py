@@ -342,7 +342,7 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path, capsys):
 def test_probe_refuses_non_integer_labels(tmp_path):
     import datasets
 
-    from timm_spot.eval.data import load_labelled
+    from timm_spot.eval.labelled import load_labelled
 
     path = tmp_path / 'f.parquet'
     datasets.Dataset.from_dict({'image': [_png()] * 4, 'y': [0.0, 1.5, 2.0, 0.7]}).to_parquet(str(path))

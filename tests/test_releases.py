@@ -21,7 +21,7 @@ import timm_spot  # noqa: F401
 from hub.cache import shipped_releases
 from hub.card import split_front_matter
 from test_hub_offline import use_cache
-from timm_spot.models import _builder
+from timm_spot.models import _spot_builder
 from timm_spot.models._releases import HUB_OWNER, RELEASES, find_release
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_uncached_release_offline_fails_fast_with_the_routes(monkeypatch, tmp_pa
         monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
         for var in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy'):
             monkeypatch.delenv(var, raising=False)
-        monkeypatch.setattr(_builder, '_reachable', {})
+        monkeypatch.setattr(_spot_builder, '_reachable', {})
 
         def refuse(*a, **k):
             raise OSError('network unreachable (test)')

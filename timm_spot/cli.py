@@ -338,7 +338,7 @@ def cmd_figure(args) -> int:
         model, img_size = figures.create_discriminator(args.weights, args.img_size, seed=args.seed,
                                                        model_kwargs=figures.parse_model_args(args.model_args))
         if args.images:
-            from timm_spot.eval.data import open_image
+            from timm_spot.eval.labelled import open_image
 
             images = [open_image(p) for p in args.images]
         else:
@@ -352,7 +352,7 @@ def cmd_figure(args) -> int:
 
 def cmd_spot(args) -> int:
     from timm_spot.eval import figures
-    from timm_spot.eval.data import open_image
+    from timm_spot.eval.labelled import open_image
 
     open_image(args.image)  # clear error naming the file before building the model
     if not args.weights:

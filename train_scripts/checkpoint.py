@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from timm_spot.eval.data import file_sha256
+from timm_spot.eval.labelled import file_sha256
 
 CHECKPOINT_DIR = 'checkpoints'
 LATEST = 'latest'

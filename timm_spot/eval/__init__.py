@@ -3,7 +3,7 @@
 
 Command line: ``timm-spot --help`` (``timm_spot.cli``).
 """
-from .data import LabelledData, check_num_classes, load_labelled, open_image
+from .labelled import LabelledData, check_num_classes, load_labelled, open_image
 from .features import TARGET_DIM, FeatureSet, TapExtractor, create_backbone, extract_features, load_or_extract, \
     pooled_grid, tap_table
 from .probe import ProbeConfig, format_table, train_linear_probes

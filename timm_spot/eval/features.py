@@ -217,7 +217,7 @@ class FeatureSet:
 
 def weights_fingerprint(weights: Optional[str], seed: int = 0) -> str:
     """Content hash of a weights file, or ``random-seed<N>`` for a random initialisation."""
-    from .data import file_sha256
+    from .labelled import file_sha256
 
     return file_sha256(weights) if weights else f'random-seed{seed}'
 
@@ -306,7 +306,7 @@ def extract_features(
 
     Unreadable images (``None`` items) are dropped and counted in ``meta['skipped']``.
     """
-    from .data import collate_skip_none
+    from .labelled import collate_skip_none
 
     extractor.eval()
     table = tap_table(extractor.cpu(), img_size, target_dim)

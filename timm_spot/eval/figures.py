@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .data import open_image, single_thread
+from .labelled import open_image, single_thread
 
 __all__ = [
     'colormap', 'overlay_heatmap', 'first_conv', 'filters_figure', 'neighbours_figure', 'create_discriminator',

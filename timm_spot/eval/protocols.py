@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from timm_spot.data import holdout_split
 
-from .data import ImageRows, LabelledData, check_num_classes, collate_skip_none, load_labelled, source_fingerprint, \
-    subset_per_class
+from .labelled import ImageRows, LabelledData, check_num_classes, collate_skip_none, load_labelled, \
+    source_fingerprint, subset_per_class
 from .features import TARGET_DIM, FeatureSet, TapExtractor, create_backbone, eval_transform, extract_features, \
     load_or_extract, weights_fingerprint
 from .probe import ProbeConfig, train_linear_probes

@@ -3,26 +3,15 @@
 Paper: Jenni & Favaro, CVPR 2018, https://arxiv.org/abs/1806.05024 ; authors' TF demo code:
 https://github.com/sjenni/LearningToSpotArtifacts (models/AlexNet.py).
 
-This is the transferable part of the pretext discriminator: AlexNet conv1..conv5, no pool5.
+The transferable part of the pretext discriminator: AlexNet conv1..conv5 (LRN after conv1/conv2, grouped
+conv2/4/5, TF 'SAME' padding, no pool5), so the conv5 grid equals the drop-mask grid. Inputs are normalised as
+the authors' code (0..255 minus the RGB means), which the pretrained cfgs carry as timm ``mean``/``std``
+(``SPOT_MEAN``, ``SPOT_STD``). :func:`checkpoint_filter_fn` folds a discriminator's pretext-only conv5 BatchNorm
+into conv5 (``norm5=True`` keeps it). Head: ``num_classes=0`` (pooled 256-d conv5 features) in the pretrained
+cfgs; ``num_classes=N`` adds a linear classifier (``head_type='linear'``) or the paper's transfer head
+(``head_type='fc'``: fc6/fc7 as convolutions, random init).
 
-* conv1 96 x 11x11/4 -> ReLU -> max-pool 3x3/2 -> LRN -> conv2 256 x 5x5 (2 groups) -> ReLU -> max-pool 3x3/2
-  -> LRN -> conv3 384 x 3x3 -> ReLU -> conv4 384 x 3x3 (2 groups) -> ReLU -> conv5 256 x 3x3 (2 groups)
-  -> [BatchNorm, pretext only] -> ReLU.
-* TensorFlow 'SAME' padding is replicated exactly (timm's ``Conv2dSame`` / ``MaxPool2dSame`` pad
-  asymmetrically where TF does), so the conv5 grid is ceil(H/16) x ceil(W/16): 8x8 at 128 px, equal to the
-  damage-and-repair drop-mask grid. (torchvision's AlexNet pads symmetrically and has pool5; it is not this.)
-* LRN: TF ``local_response_normalization(depth_radius=2, alpha=2e-5, beta=0.75, bias=1)`` equals PyTorch
-  ``LocalResponseNorm(size=5, alpha=5 * 2e-5, beta=0.75, k=1)`` (PyTorch divides alpha by the size).
-* Input normalisation, as the authors' code: RGB in 0..255 minus the ImageNet means (123.68, 116.78, 103.94),
-  no division. In timm's (x - mean) / std convention on 0..1 images that is mean = (123.68, 116.78,
-  103.94) / 255 and std = 1/255, which the pretrained cfgs carry, so ``timm.data.create_transform`` is right.
-* BatchNorm after conv5 exists only during pretraining (paper Sec. 4.4). ``alexnet_spot`` has no BN by
-  default; :func:`checkpoint_filter_fn` folds a pretext checkpoint's BN into conv5 (exact in eval mode),
-  so discriminator weights load with no missing or unexpected keys. ``norm5=True`` keeps the BN instead.
-* Head: self-supervised weights carry no classifier; the pretrained cfgs use ``num_classes=0`` (pooled
-  256-d conv5 features), as timm does for DINO/MAE. ``num_classes=N`` adds a fresh linear classifier
-  (``head_type='linear'``, default), or ``head_type='fc'`` the paper's transfer head: AlexNet fc6/fc7 as
-  convolutions (4096, ReLU, dropout 0.5) with random init, then the classifier.
+The architecture, the paper vs the authors' code and the choices made here: docs/method.md.
 """
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -32,12 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from timm.layers import ClassifierHead, create_conv2d, create_pool2d, get_device_dtype
-from timm.models._features import feature_take_indices
-from timm.models._features_fx import register_notrace_module
-from timm.models._manipulate import checkpoint_seq
-from timm.models._registry import generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model, register_notrace_module
+from timm.models._features import feature_take_indices  # private: timm 1.0.31 has no public name for it
 
-from ._builder import PAPER_CFG, build_spot_model
+from ._spot_builder import PAPER_CFG, build_spot_model
 from ._releases import release_cfgs
 
 __all__ = ['AlexNetSpot', 'ConvFcHead', 'SPOT_MEAN', 'SPOT_STD', 'checkpoint_filter_fn', 'fold_batchnorm']

@@ -4,30 +4,26 @@ Paper: Jenni & Favaro, CVPR 2018, https://arxiv.org/abs/1806.05024 (Sec. 4.3, 4.
 models/AlexNet.py and models/SpotNet.py.
 
 The trunk is exactly ``alexnet_spot``'s (same module names, ``features.conv1`` .. ``features.conv5``) plus the
-BatchNorm after conv5 that the paper uses during pretraining (momentum 0.025 = TF decay 0.975, eps 1e-3).
-Two heads sit on the conv5 map:
+pretext-only BatchNorm after conv5. Two heads sit on the conv5 map: the real/corrupt head (fc6 as a convolution
+spanning the conv5 map, ``head_kernel_size`` = image size / 16, then one logit, > 0 = real; timm's ``head``, what
+``forward`` returns) and the mask head (3x3 conv to one channel on the drop-mask grid; positive where C thinks the
+cell was kept).
 
-* real/corrupt head: fc6 as a convolution whose kernel spans the whole conv5 map (``head_kernel_size`` =
-  image size / 16; 8 at 128 px), 4096 units, ReLU, dropout 0.5, then one logit (the paper removes fc7;
-  the code's 2-way softmax equals one logit with a sigmoid). This is timm's ``head``: ``forward`` returns it.
-* mask head: a 3x3 convolution to one channel on the conv5 grid, which equals the drop-mask grid; its logit
-  is positive where C thinks the feature cell was kept (Omega = 1), negative where it spots an artifact.
-
-Input: ``forward``/``forward_features`` take timm-normalised images (mean (123.68, 116.78, 103.94)/255,
-std 1/255, as ``alexnet_spot``). The pretraining code works on images in [-1, 1]: ``forward_pretext``
-applies the authors' normalisation (rescale to 0..255, subtract the RGB means) itself.
+Input: ``forward``/``forward_features`` take timm-normalised images (as ``alexnet_spot``); ``forward_pretext``
+takes the pretraining code's [-1, 1] images and applies the authors' normalisation itself.
 
 timm conformance note: ``forward`` only uses the real/corrupt head, so in timm's generic backward test the
 mask head receives no gradient by design; ``forward_pretext`` uses both heads (tests/test_alexnet_spot.py).
+
+The architecture, the paper vs the authors' code and the choices made here: docs/method.md.
 """
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models._builder import resolve_pretrained_cfg
-from timm.models._registry import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 
-from ._builder import build_spot_model, upcast_state_dict
+from ._spot_builder import build_spot_model, upcast_state_dict
 from ._releases import release_cfgs
 from .alexnet_spot import SPOT_MEAN, AlexNetSpot, checkpoint_filter_fn
 from .alexnet_spot import _cfg as _backbone_cfg

@@ -1,87 +1,32 @@
-"""Damage & Repair generator of "Self-Supervised Feature Learning by Learning to Spot Artifacts".
+"""Damage & repair generator of "Learning to Spot Artifacts" (``damage_repair_generator``).
 
-Paper: Simon Jenni and Paolo Favaro, CVPR 2018, https://arxiv.org/abs/1806.05024
-Authors' TensorFlow 1 demo code: https://github.com/sjenni/LearningToSpotArtifacts (MIT licence).
+Paper: Jenni & Favaro, CVPR 2018, https://arxiv.org/abs/1806.05024 ; authors' TF demo code:
+https://github.com/sjenni/LearningToSpotArtifacts (models/AutoEncoder.py, models/SpotNet.py, layers.py).
 
-The generator produces the two kinds of image the discriminator (``alexnet_spot_discriminator``) learns
-to tell apart:
+An autoencoder {E, D} whose output ``D(E(x))`` is the discriminator's 'real' example, and the damage & repair path
+that makes its 'corrupt' example: cells of ``phi = E(x)`` are dropped (mask Omega), filled with a 3x3 average, and
+repaired by gated residual blocks R interleaved with the decoder. Layers are timm's (``ConvNormAct``,
+``create_conv2d``, ``BatchNormAct2d``); :class:`DamageRepairGenerator` lists the methods the trainer uses and the
+timm API (``forward_features`` returns the generated image).
 
-* real examples are *autoencoded* images ``D(E(x))`` (the paper's Sec. 4.2: the decoder's own pixel
-  patterns then appear in both classes, so they cannot be used to spot corrupt images);
-* corrupt examples are made by the *damage & repair* network: the encoder feature ``phi = E(x)`` is
-  damaged by dropping whole spatial cells (all channels) with probability ``theta``, the dropped cells
-  are filled with a 3x3 average of ``phi`` (or noise), and a small *repair network* ``R`` of gated
-  residual blocks, interleaved with the (frozen) decoder layers, inpaints the dropped entries:
-  ``x_hat = D_hat(Omega * phi + (1 - Omega) * avgpool3x3(phi), Omega)``.
-
-Architecture (paper Sec. 4.1, 4.4, Fig. 2, 4, 5; code ``models/AutoEncoder.py``, ``models/SpotNet.py``,
-``layers.py``), with ``k = len(widths)``:
-
-* Encoder ``E`` (``self.encoder``, ``nn.Sequential``): ``encoder.0`` = 3x3/1 conv, ``stem_width`` (32)
-  filters; ``encoder.1..k`` = ``encoder_kernel_size`` (2) x 2 stride-2 convs with ``widths``
-  (64-128-256-512, the paper's widths). Every layer is conv -> BatchNorm -> LeakyReLU, TF 'SAME'
-  padding (timm's ``create_conv2d(padding='same')``, asymmetric where TF is). ``phi`` has
-  ``H / 2**k x W / 2**k`` cells, each seeing an 18x18 input patch (1 px overlap each side); with
-  ``encoder_kernel_size=3`` (Table 1 ablation (h)) each cell sees 33x33 pixels.
-* Decoder ``D`` (``self.decoder``): ``k`` resize-convolutions, bilinear 2x upsampling -> 3x3 conv ->
-  BN -> LeakyReLU, widths mirroring the encoder (256-128-64-32), then ``self.to_rgb`` (3x3 conv to
-  ``in_chans``, with bias, no BN) and ``tanh``: images are in [-1, 1].
-* Drop mask ``Omega`` (``sample_mask``): one Bernoulli draw per cell of ``phi`` shared by all channels,
-  ``1`` = kept, ``0`` = dropped with probability ``theta`` (the DROP rate; the demo code passes 0.3 as
-  the *keep* probability of ``my_dropout``, i.e. it drops 70 %; the paper's baseline drops 50 %).
-* ``damage``: ``phi_hat = Omega * phi + (1 - Omega) * fill``; ``fill='avg'`` is the 3x3, stride 1 'SAME'
-  average pool of ``phi`` (TF's 'SAME' avg-pool excludes the padding: ``count_include_pad=False``);
-  ``fill='noise'`` replaces dropped cells by standard normal noise (the paper's alternative, which it
-  reports performs about the same).
-* Repair network ``R`` (``self.repair``, ``RepairBlock``): gated residual blocks,
-  ``out = in + (1 - Omega_up) * res(in, Omega_up)`` with ``res`` = [BN + LeakyReLU pre-activation
-  (identity in the first block, which acts on ``phi_hat`` directly)] -> concat mask channel -> 3x3 conv
-  -> BN -> LeakyReLU -> 3x3 conv. Kept cells pass through bit-exactly. ``repair='distributed'`` (paper):
-  ``k + 1`` blocks, one on ``phi_hat`` and one after every resize-conv (including the last one at full
-  resolution). Ablations: ``repair='local'`` (b), all ``k + 1`` blocks at ``phi``'s resolution before
-  ``D1``; ``gate=False`` (i), ``out = in + res``; ``repair='none'`` (k), no repair network. The mask is
-  nearest-neighbour upsampled to each decoder resolution.
-
-Training (done by the pretext trainer, not here): stage 1 trains ``autoencoder_parameters()``
-(E, D, to_rgb) with an MSE reconstruction loss; stage 2 freezes them (BN in eval mode) and trains only
-``repair_parameters()`` adversarially against the discriminator.
-
-Paper vs code choices made here (docs/method.md lists them all):
-
-* leaky ReLU slope 0.1 (paper ``max(x/10, x)``; the code uses ``tf.nn.leaky_relu``'s 0.2): ``leak``;
-* the pre-activation is skipped in the FIRST repair block only (paper Fig. 5; the demo code passes
-  ``idx=0`` to every ``repair_res_layer`` and so skips it in all blocks);
-* BatchNorm as TF: decay 0.975 -> PyTorch ``momentum=0.025``, ``eps=1e-3``, with scale and centre; convs
-  followed by BN have no bias (as ``slim.conv2d`` with a normaliser), the others have one;
-* weights use TF-contrib's ``variance_scaling_initializer(factor=2, mode='FAN_AVG')`` (truncated normal),
-  the code's ``he`` initialiser; biases 0, BN weight 1 / bias 0;
-* bilinear upsampling uses PyTorch's half-pixel-centre convention (``align_corners=False``); TF1's legacy
-  ``tf.image.resize_images`` samples without the half-pixel offset, i.e. its output is shifted by half
-  an input pixel. Ported TF weights therefore reproduce the TF outputs only approximately.
-
-timm API: ``forward_features(x)`` returns the GENERATED IMAGE ``[B, in_chans, H, W]`` in [-1, 1] (so
-``num_features == in_chans``): in train mode the damage & repair image with a fresh random mask (like
-dropout), in eval mode the deterministic autoencoded image. ``forward`` adds timm's ``ClassifierHead``
-(``num_classes=0`` by default: globally pooled images; ``num_classes=0, global_pool=''`` makes the model
-an image-to-image model). ``feature_info`` / ``features_only`` / ``forward_intermediates`` expose the
-five encoder outputs.
+The architecture, the paper vs the authors' code and the choices made here: docs/method.md.
 """
 import math
 from collections import OrderedDict
+from functools import partial
 from itertools import chain
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import ClassifierHead, create_conv2d, get_device_dtype
-from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._features_fx import register_notrace_function
-from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.layers import BatchNormAct2d, ClassifierHead, ConvNormAct, LayerType, create_conv2d, get_device_dtype, \
+    get_norm_act_layer
+from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model, register_notrace_function
+from timm.models._features import feature_take_indices  # private: timm 1.0.31 has no public name for it
 
-from ._builder import PAPER_CFG, build_spot_model, upcast_state_dict
+from ._spot_builder import PAPER_CFG, build_spot_model, upcast_state_dict
 from ._releases import release_cfgs
 
 __all__ = ['DamageRepairGenerator']
@@ -169,63 +114,66 @@ def _resize_mask(mask: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 # Layers
 # ---------------------------------------------------------------------------------------------------------------
 
-class ConvBnAct(nn.Module):
-    """TF 'SAME' conv (no bias) -> BatchNorm -> LeakyReLU: one encoder layer (``slim.conv2d`` with BN)."""
+def norm_act_factory(
+        norm_layer: Optional[LayerType] = None,
+        act_layer: Optional[LayerType] = None,
+        leak: float = 0.1,
+        bn_momentum: float = 0.025,
+        bn_eps: float = 1e-3,
+) -> Callable[..., nn.Module]:
+    """The norm + act layer of every generator block, as a timm norm-act factory (``factory(num_features)``).
+
+    Default: the paper's BatchNorm (TF decay 0.975 -> ``momentum=0.025``, ``eps=1e-3``) then LeakyReLU(``leak``), one
+    timm ``BatchNormAct2d``: a ``BatchNorm2d`` subclass whose activation is a parameterless child, so the state-dict
+    keys are those of a plain ``BatchNorm2d``. Its activation is out of place, as before (an in-place LeakyReLU has
+    no backward for ``leak <= 0``). ``norm_layer`` / ``act_layer`` (timm name, class or partial) replace the defaults;
+    ``bn_momentum`` / ``bn_eps`` only apply to the default norm, ``leak`` only to the default activation.
+    """
+    if norm_layer is None:
+        norm_layer = partial(BatchNormAct2d, momentum=bn_momentum, eps=bn_eps, inplace=False)
+    if act_layer is None:
+        act_layer = partial(nn.LeakyReLU, negative_slope=leak)
+    return get_norm_act_layer(norm_layer, act_layer)
+
+
+class ResizeConv(ConvNormAct):
+    """Decoder layer D_i: bilinear 2x upsampling -> 3x3 'SAME' conv -> BatchNorm -> LeakyReLU (``up_conv2d``).
+
+    timm's ``ConvNormAct`` (``.conv``, ``.bn`` = norm + act) with an upsampling first; the encoder layers are plain
+    ``ConvNormAct``. ``create_conv2d(padding='same')`` gives ``nn.Conv2d`` with static padding where TF 'SAME' is
+    symmetric (3x3/1) and ``Conv2dSame`` (asymmetric, as TF) otherwise (2x2/2, 3x3/2).
+    """
 
     def __init__(
             self,
             in_chs: int,
             out_chs: int,
-            kernel_size: int = 3,
-            stride: int = 1,
-            leak: float = 0.1,
-            bn_momentum: float = 0.025,
-            bn_eps: float = 1e-3,
+            norm_act_layer: Optional[LayerType] = None,
             device=None,
             dtype=None,
     ) -> None:
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        # create_conv2d(padding='same') returns nn.Conv2d with static padding when TF 'SAME' is symmetric
-        # (3x3/1) and Conv2dSame (dynamic, asymmetric pad like TF) otherwise (2x2/2, 3x3/2)
-        self.conv = create_conv2d(in_chs, out_chs, kernel_size, stride=stride, padding='same', bias=False, **dd)
-        self.bn = nn.BatchNorm2d(out_chs, eps=bn_eps, momentum=bn_momentum, **dd)
-        self.act = nn.LeakyReLU(leak)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-
-class ResizeConv(ConvBnAct):
-    """Decoder layer D_i: bilinear 2x upsampling -> 3x3 'SAME' conv -> BatchNorm -> LeakyReLU (``up_conv2d``)."""
-
-    def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            leak: float = 0.1,
-            bn_momentum: float = 0.025,
-            bn_eps: float = 1e-3,
-            device=None,
-            dtype=None,
-    ) -> None:
-        super().__init__(in_chs, out_chs, 3, stride=1, leak=leak, bn_momentum=bn_momentum, bn_eps=bn_eps,
-                         device=device, dtype=dtype)
+        super().__init__(
+            in_chs, out_chs, 3, stride=1, padding='same', bias=False,
+            norm_layer=norm_act_layer or norm_act_factory(), act_layer=None, device=device, dtype=dtype)
         # NOTE TF1's tf.image.resize_images(BILINEAR) (legacy, align_corners=False, no half-pixel centres) samples
         # the input half a pixel off compared with PyTorch's align_corners=False (half-pixel centres)
         self.up = nn.Upsample(scale_factor=2., mode='bilinear', align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(self.up(x))))  # (TorchScript has no super() calls)
+        return self.bn(self.conv(self.up(x)))
 
 
 class RepairBlock(nn.Module):
     """Gated residual repair block R_i (paper Fig. 5, code ``layers.repair_res_layer``).
 
-    ``out = x + (1 - mask) * conv2(act(bn1(conv1(cat([pre(x), mask])))))`` with ``pre`` = BN + LeakyReLU
-    (``nn.Identity`` for the first block, which acts on the damaged feature directly). With ``gate=True``
+    ``out = x + (1 - mask) * conv2(bn1(conv1(cat([pre(x), mask]))))`` with ``bn1`` and ``pre`` BatchNorm + LeakyReLU
+    (``pre`` is ``nn.Identity`` for the first block, which acts on the damaged feature directly). With ``gate=True``
     entries where ``mask == 1`` (kept) are returned unchanged, bit for bit; ``gate=False`` is ablation (i).
     ``mask`` must already be at ``x``'s resolution (``[B, 1, H, W]``).
+
+    The layers are timm's ``create_conv2d`` and norm + act layers, but not ``ConvNormAct``: that would rename
+    ``conv1.weight`` / ``bn1.*`` to ``conv1.conv.weight`` / ``conv1.bn.*`` and break the released weights. For the
+    same reason ``pre`` stays a ``Sequential`` holding one ``bn`` (keys ``pre.bn.*``).
     """
 
     def __init__(
@@ -233,33 +181,23 @@ class RepairBlock(nn.Module):
             channels: int,
             preact: bool = True,
             gate: bool = True,
-            leak: float = 0.1,
-            bn_momentum: float = 0.025,
-            bn_eps: float = 1e-3,
+            norm_act_layer: Optional[LayerType] = None,
             device=None,
             dtype=None,
     ) -> None:
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        norm_act_layer = get_norm_act_layer(norm_act_layer or norm_act_factory())
         self.gate = gate
-        if preact:
-            self.pre = nn.Sequential(OrderedDict([
-                ('bn', nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum, **dd)),
-                ('act', nn.LeakyReLU(leak)),
-            ]))
-        else:
-            self.pre = nn.Identity()
+        self.pre = nn.Sequential(OrderedDict([('bn', norm_act_layer(channels, **dd))])) if preact else nn.Identity()
         self.conv1 = create_conv2d(channels + 1, channels, 3, stride=1, padding='same', bias=False, **dd)
-        self.bn1 = nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum, **dd)
-        self.act1 = nn.LeakyReLU(leak)
+        self.bn1 = norm_act_layer(channels, **dd)
         self.conv2 = create_conv2d(channels, channels, 3, stride=1, padding='same', bias=True, **dd)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         mask = mask.to(x.dtype)
-        residual = self.pre(x)
-        residual = self.conv1(torch.cat([residual, mask], dim=1))
-        residual = self.act1(self.bn1(residual))
-        residual = self.conv2(residual)
+        residual = self.conv1(torch.cat([self.pre(x), mask], dim=1))
+        residual = self.conv2(self.bn1(residual))
         if self.gate:
             return x + (1. - mask) * residual
         return x + residual
@@ -308,6 +246,8 @@ class DamageRepairGenerator(nn.Module):
             gate: bool = True,
             bn_momentum: float = 0.025,
             bn_eps: float = 1e-3,
+            norm_layer: Optional[LayerType] = None,
+            act_layer: Optional[LayerType] = None,
             device=None,
             dtype=None,
     ) -> None:
@@ -328,6 +268,10 @@ class DamageRepairGenerator(nn.Module):
             gate: Gate the repair residuals with (1 - mask) (False: ablation (i)).
             bn_momentum: BatchNorm momentum (TF decay 0.975 -> 0.025).
             bn_eps: BatchNorm epsilon (TF 1e-3).
+            norm_layer: Norm layer of E, D and R (default: BatchNorm with ``bn_momentum`` and ``bn_eps``; given one,
+                those two are not applied). timm name, class or partial, mapped to its norm + act layer.
+            act_layer: Activation after every norm (default: ``nn.LeakyReLU(leak)``; given one, ``leak`` is not
+                applied). timm name, class or partial.
             device: Device of the parameters.
             dtype: Dtype of the parameters.
         """
@@ -355,15 +299,17 @@ class DamageRepairGenerator(nn.Module):
         self.encoder_stride = 2 ** num_down
         self.has_decoder = True  # False once prune_intermediate_layers() removed decoder / repair / to_rgb
         self.grad_checkpointing = False
-        layer_kwargs = dict(leak=leak, bn_momentum=bn_momentum, bn_eps=bn_eps, **dd)
+        # one norm + act layer for every block of E, D and R (timm's BatchNormAct2d by default)
+        norm_act_layer = norm_act_factory(norm_layer, act_layer, leak=leak, bn_momentum=bn_momentum, bn_eps=bn_eps)
+        enc_kwargs = dict(padding='same', bias=False, norm_layer=norm_act_layer, act_layer=None, **dd)
 
         # E: encoder.0 = 3x3/1 stem, encoder.1..k = k x k/2 down layers (registered first: FeatureListNet relies
         # on the module order to stop after the encoder)
         self.feature_info: List[Dict[str, Any]] = [dict(num_chs=stem_width, reduction=1, module='encoder.0')]
-        enc_layers: List[nn.Module] = [ConvBnAct(in_chans, stem_width, 3, 1, **layer_kwargs)]
+        enc_layers: List[nn.Module] = [ConvNormAct(in_chans, stem_width, 3, 1, **enc_kwargs)]
         prev_chs = stem_width
         for i, w in enumerate(widths):
-            enc_layers.append(ConvBnAct(prev_chs, w, encoder_kernel_size, 2, **layer_kwargs))
+            enc_layers.append(ConvNormAct(prev_chs, w, encoder_kernel_size, 2, **enc_kwargs))
             self.feature_info.append(dict(num_chs=w, reduction=2 ** (i + 1), module=f'encoder.{i + 1}'))
             prev_chs = w
         self.encoder = nn.Sequential(*enc_layers)
@@ -373,7 +319,7 @@ class DamageRepairGenerator(nn.Module):
         dec_widths = list(reversed(widths[:-1])) + [stem_width]
         dec_layers: List[nn.Module] = []
         for w in dec_widths:
-            dec_layers.append(ResizeConv(prev_chs, w, **layer_kwargs))
+            dec_layers.append(ResizeConv(prev_chs, w, norm_act_layer=norm_act_layer, **dd))
             prev_chs = w
         self.decoder = nn.Sequential(*dec_layers)
         self.to_rgb = create_conv2d(stem_width, in_chans, 3, stride=1, padding='same', bias=True, **dd)
@@ -386,7 +332,8 @@ class DamageRepairGenerator(nn.Module):
         else:
             repair_widths = []
         self.repair = nn.ModuleList([
-            RepairBlock(w, preact=i > 0, gate=gate, **layer_kwargs) for i, w in enumerate(repair_widths)
+            RepairBlock(w, preact=i > 0, gate=gate, norm_act_layer=norm_act_layer, **dd)
+            for i, w in enumerate(repair_widths)
         ])
 
         self.num_features = in_chans  # forward_features returns the generated image

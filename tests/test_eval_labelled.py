@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import timm_spot  # noqa: F401
-from timm_spot.eval.data import ImageRows, load_labelled, subset_per_class
+from timm_spot.eval.labelled import ImageRows, load_labelled, subset_per_class
 from timm_spot.eval.features import TapExtractor, create_backbone, eval_transform, extract_features
 from timm_spot.eval.protocols import layerwise_probe, load_folds, prepare_features
 

@@ -18,9 +18,9 @@ from typing import Any, Callable, Optional, Tuple, Type
 from urllib.parse import urlparse
 
 import torch.nn as nn
-from timm.models import build_model_with_cfg
-from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
-from timm.models._registry import get_pretrained_cfg
+from timm.models import build_model_with_cfg, get_pretrained_cfg, resolve_pretrained_cfg
+# private: timm's own resolution of a pretrained cfg to (load_from, location); no public name exists
+from timm.models._builder import _resolve_pretrained_source
 
 from ._releases import RELEASES, find_release, releases
 
