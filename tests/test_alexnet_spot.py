@@ -49,7 +49,7 @@ def test_conv1_padding_matches_tf_asymmetric_same():
 def test_lrn_matches_tensorflow_formula():
     """PyTorch LRN(size 5, alpha 1e-4) == TF LRN(depth_radius 2, alpha 2e-5, beta 0.75, bias 1)."""
     model = timm.create_model('alexnet_spot')
-    x = torch.rand(2, 12, 5, 5) * 50
+    x = torch.rand(2, 96, 5, 5) * 50  # lrn1 normalises the 96 conv1 channels
     sq = F.pad(x.pow(2), (0, 0, 0, 0, 2, 2))
     window = sum(sq[:, i:i + x.shape[1]] for i in range(5))
     expected = x / (1.0 + 2e-5 * window).pow(0.75)

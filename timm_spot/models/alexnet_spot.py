@@ -20,11 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
-from timm.layers import ClassifierHead, create_conv2d, create_pool2d, get_device_dtype
+from timm.layers import ClassifierHead, create_conv2d, get_device_dtype
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices  # private: timm 1.0.31 has no public name for it
 
 from ._spot_builder import PAPER_CFG, build_spot_model
+from ._spot_layers import LocalResponseNorm, MaxPool2dTfSame
 from ._releases import release_cfgs
 
 __all__ = ['AlexNetSpot', 'ConvFcHead', 'SPOT_MEAN', 'SPOT_STD', 'checkpoint_filter_fn', 'fold_batchnorm']
@@ -97,26 +98,36 @@ class ConvFcHead(nn.Module):
 def _make_trunk(in_chans: int, norm5: bool, dd: Dict[str, Any]) -> nn.Sequential:
     """conv1..conv5 with TF-'SAME' padding, module names shared by backbone and discriminator.
 
-    ReLUs are not in-place: taps are returned by ``forward_intermediates`` and segments are re-run under
-    gradient checkpointing, and AlexNet's activations are small enough not to need the saving.
+    Pooling and LRN are the copy-free, bf16-friendly equivalents in ``_spot_layers`` (same outputs as timm's
+    ``create_pool2d('max', 3, 2, padding='same')`` and ``nn.LocalResponseNorm``). ReLUs run in place (each follows a
+    conv or a BatchNorm, whose backward does not need its output; a fresh output tensor costs page faults on CPU)
+    except under gradient checkpointing, where a segment may start with one (:func:`set_inplace_acts`).
     """
     return nn.Sequential(OrderedDict([
         ('conv1', create_conv2d(in_chans, 96, 11, stride=4, padding='same', bias=True, **dd)),
-        ('act1', nn.ReLU()),
-        ('pool1', create_pool2d('max', 3, stride=2, padding='same')),
-        ('lrn1', nn.LocalResponseNorm(5, alpha=5 * 2e-5, beta=0.75, k=1.0)),
+        ('act1', nn.ReLU(inplace=True)),
+        ('pool1', MaxPool2dTfSame(3, stride=2)),
+        ('lrn1', LocalResponseNorm(96, 5, alpha=5 * 2e-5, beta=0.75, k=1.0)),
         ('conv2', create_conv2d(96, 256, 5, padding='same', groups=2, bias=True, **dd)),
-        ('act2', nn.ReLU()),
-        ('pool2', create_pool2d('max', 3, stride=2, padding='same')),
-        ('lrn2', nn.LocalResponseNorm(5, alpha=5 * 2e-5, beta=0.75, k=1.0)),
+        ('act2', nn.ReLU(inplace=True)),
+        ('pool2', MaxPool2dTfSame(3, stride=2)),
+        ('lrn2', LocalResponseNorm(256, 5, alpha=5 * 2e-5, beta=0.75, k=1.0)),
         ('conv3', create_conv2d(256, 384, 3, padding='same', bias=True, **dd)),
-        ('act3', nn.ReLU()),
+        ('act3', nn.ReLU(inplace=True)),
         ('conv4', create_conv2d(384, 384, 3, padding='same', groups=2, bias=True, **dd)),
-        ('act4', nn.ReLU()),
+        ('act4', nn.ReLU(inplace=True)),
         ('conv5', create_conv2d(384, 256, 3, padding='same', groups=2, bias=True, **dd)),
         ('norm5', nn.BatchNorm2d(256, eps=BN_EPS, momentum=BN_MOMENTUM, **dd) if norm5 else nn.Identity()),
-        ('act5', nn.ReLU()),
+        ('act5', nn.ReLU(inplace=True)),
     ]))
+
+
+def set_inplace_acts(features: nn.Sequential, inplace: bool) -> None:
+    """ReLUs in place, or not: a checkpointed segment that starts with an in-place ReLU would overwrite the
+    segment input it keeps for recomputation."""
+    for m in features:
+        if isinstance(m, nn.ReLU):
+            m.inplace = inplace
 
 
 class AlexNetSpot(nn.Module):
@@ -207,6 +218,7 @@ class AlexNetSpot(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+        set_inplace_acts(self.features, not enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
