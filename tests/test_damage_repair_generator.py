@@ -644,3 +644,19 @@ def test_released_generator_outputs_are_pinned(name):
         assert stats == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
     torch.testing.assert_close(x_hat[0, :, 10, 20:24], torch.tensor(want['x_hat_row']), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model(x), torch.tensor(want['forward']), rtol=1e-5, atol=1e-6)
+
+
+def test_repair_block_keeps_channels_last_and_its_values():
+    """A channels-last feature map stays channels-last through a repair block (the mask is concatenated in that
+    layout, not converted back by the next conv), with the same values as in NCHW."""
+    torch.manual_seed(0)
+    block = RepairBlock(6, preact=True).eval()
+    _randomize_bn(block)
+    x = torch.randn(3, 6, 8, 8)
+    mask = (torch.rand(3, 1, 8, 8) > 0.5).float()
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out_cl = block.to(memory_format=torch.channels_last)(x_cl, mask)
+        ref = block.to(memory_format=torch.contiguous_format)(x, mask)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, ref, rtol=1e-5, atol=1e-6)
