@@ -504,3 +504,32 @@ def test_generator_sets_the_modes_of_each_pretraining_stage():
     assert all(m.training for m in gen.repair.modules())
     with pytest.raises(ValueError, match='stage'):
         gen.set_pretraining_stage(3)
+
+
+def test_retain_freed_memory_sets_glibc_malloc_once():
+    from train_scripts.allocator import retain_freed_memory
+    if not sys.platform.startswith('linux'):
+        assert retain_freed_memory() is False
+        return
+    code = ('import ctypes, sys; sys.path.insert(0, "."); from train_scripts.allocator import retain_freed_memory; '
+            'assert retain_freed_memory() and retain_freed_memory(); import torch; '
+            'a = torch.ones(64 * 2 ** 20 // 4); del a; b = torch.zeros(64 * 2 ** 20 // 4); print(float(b.sum()))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == '0.0'  # reused heap memory is still zeroed by torch.zeros
+
+
+def test_trainer_keeps_parameters_contiguous_with_channels_last_images(tmp_path):
+    """Channels-last is for activations: parameters stay contiguous (fused Adam would copy every channels-last
+    parameter and its states back and forth each step), and the networks still produce channels-last maps."""
+    from train_scripts.trainer import Pretrainer
+    cfg = C.resolve(dict(data='builtin', img_size=32, batch_size=2, output_dir=str(tmp_path), threads=1,
+                         progress=False, num_workers=0, cpu=True, mixed_precision='no', channels_last=True,
+                         gen_widths=[8, 16, 32, 64]))
+    trainer = Pretrainer(cfg)
+    disc = trainer.create_discriminator()
+    assert all(p.is_contiguous() for p in disc.parameters())
+    x = trainer.memory_format(torch.randn(2, 3, 32, 32))
+    with torch.no_grad():
+        assert disc.forward_features(x).is_contiguous(memory_format=torch.channels_last)

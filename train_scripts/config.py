@@ -188,6 +188,9 @@ class RunConfig:
     compile: bool = opt(False, "torch.compile (inductor, through Accelerate's dynamo_backend) the prepared forwards "
                                "(stage 1: D(E(x)); stage 2: C's step and R); graphs that do not compile run eagerly "
                                "with a warning. Measured: train_scripts/README.md")
+    retain_freed_memory: bool = opt(True, 'CPU: keep freed tensor memory in the heap for the next step instead of '
+                                          'unmapping it (glibc mallopt; train_scripts/allocator.py): large tensors '
+                                          'are not page-faulted in again every step')
     threads: Optional[int] = opt(None, 'torch CPU threads per process (null: one per idle core, cores shared by the '
                                        'processes: on a busy 2-core machine 2 threads ran at half the speed of 1)',
                                  low=1)
