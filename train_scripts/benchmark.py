@@ -5,11 +5,14 @@ Each variant builds a :class:`~train_scripts.trainer.Pretrainer` with the varian
 Accelerate's precision is process-wide), then times the stages' own ``Stage1.step`` and ``Stage2.step`` (stages.py) on
 synthetic images in [-1, 1] (history buffer, both objectives, weight decay, NaN check and Adam included; data
 loading is not: it runs in worker processes, about 1,000 images/s per worker at 64 px). ``--warmup`` untimed steps,
-then ``--iters`` timed ones; images/s = batch / median step time.
+then ``--iters`` timed ones; images/s = batch / median step time. Each stage's FLOPs per image (counted by
+``FlopCounterMode`` over one step) and its FLOP/s are printed next to the FLOP/s of one large convolution in the same
+precision (``conv peak``): how far the step is from what this machine's kernels can do.
 
 Variants: ``eager`` (float32, NCHW), ``channels_last``, ``bf16`` (autocast, NCHW), ``bf16_cl`` (autocast +
 channels_last), ``default`` (what ``pretrain.py`` runs by default on this machine: config 'auto'), ``compile`` (the
-default with ``compile: true``: torch.compile of the prepared forwards).
+default with ``compile: true``: torch.compile of the prepared forwards), ``system_malloc`` (the default with
+``retain_freed_memory: false``: glibc's own mmap/unmap of large blocks).
 
     python train_scripts/benchmark.py --img-size 64 --batch-size 32 --threads 2 --variants eager,default --json F
     python train_scripts/benchmark.py --variants default --profile 5   # + per-phase and top-op tables
@@ -31,6 +34,7 @@ if __package__ in (None, ''):
     sys.path.insert(0, os.path.dirname(_here))
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 VARIANTS = {
     'eager': dict(mixed_precision='no', channels_last=False),
@@ -39,6 +43,7 @@ VARIANTS = {
     'bf16_cl': dict(mixed_precision='bf16', channels_last=True),
     'default': {},
     'compile': dict(compile=True),
+    'system_malloc': dict(retain_freed_memory=False),
 }
 
 
@@ -78,6 +83,31 @@ def profile_steps(step_fn, x: torch.Tensor, steps: int, label: str, rows: int = 
     return '\n'.join(lines)
 
 
+def step_flops(step_fn, x: torch.Tensor, step: int) -> float:
+    """Floating-point operations of one step (torch's FlopCounterMode: convolutions, matmuls, forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        step_fn(step, x)
+    return float(counter.get_total_flops())
+
+
+def conv_peak_flops(trainer, warmup: int = 2, iters: int = 5) -> float:
+    """FLOP/s of one large 3x3 convolution (256 -> 256 channels, batch 32, 32x32) in the variant's precision and
+    memory format: about the best this machine's convolution kernels reach, the yardstick for the step's rate."""
+    x = trainer.memory_format(torch.randn(32, 256, 32, 32, device=trainer.device))
+    w = torch.randn(256, 256, 3, 3, device=trainer.device)
+    flops = 2 * 32 * 256 * 32 * 32 * 256 * 9
+    times = []
+    with torch.no_grad(), trainer.autocast():
+        for i in range(warmup + iters):
+            _sync(trainer.device)
+            t = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            _sync(trainer.device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    return flops / statistics.median(times)
+
+
 def worker(args) -> dict:
     """One variant, in this process: build the trainer, time its two step functions."""
     from train_scripts import config as config_lib
@@ -105,10 +135,13 @@ def worker(args) -> dict:
             step_fn = stage.step
             times = time_steps(step_fn, x, args.warmup, args.iters, device)
             med = statistics.median(times)
+            flops = step_flops(step_fn, x, 10 ** 5)
             out[f'stage{number}'] = {'img_per_s': args.batch_size / med, 'median_s': med,
-                                    'times_s': [round(t, 4) for t in times]}
+                                    'times_s': [round(t, 4) for t in times],
+                                    'gflop_per_image': flops / args.batch_size / 1e9, 'gflop_per_s': flops / med / 1e9}
             if args.profile:
                 profiles.append(profile_steps(step_fn, x, args.profile, f'{args.variant} stage {number}'))
+        out['conv_peak_gflop_per_s'] = conv_peak_flops(trainer) / 1e9
         if profiles:
             out['profile'] = '\n'.join(profiles)
     return out
@@ -140,7 +173,7 @@ def main(argv=None) -> int:
     print(f'benchmark: {args.img_size}px, batch {args.batch_size}, device {args.device}, torch {torch.__version__}; '
           f'median of {args.iters} steps after {args.warmup} warm-up, each variant in a fresh process', flush=True)
     print(f'{"variant":<14} {"precision":>9} {"ch_last":>7} {"threads":>7} {"stage-1 img/s":>14} '
-          f'{"stage-2 img/s":>14}', flush=True)
+          f'{"stage-2 img/s":>14} {"GFLOP/img 1/2":>14} {"GFLOP/s 1/2":>12} {"conv peak":>10}', flush=True)
     report = {'img_size': args.img_size, 'batch_size': args.batch_size, 'device': args.device,
               'torch': torch.__version__, 'results': {}}
     base = [sys.executable, os.path.abspath(__file__), '--img-size', str(args.img_size), '--batch-size',
@@ -155,8 +188,11 @@ def main(argv=None) -> int:
             continue
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         report['results'][v] = res
+        s1, s2 = res['stage1'], res['stage2']
         print(f'{v:<14} {res["mixed_precision"]:>9} {str(res["channels_last"]):>7} {res["threads"]:>7} '
-              f'{res["stage1"]["img_per_s"]:>14.2f} {res["stage2"]["img_per_s"]:>14.2f}', flush=True)
+              f'{s1["img_per_s"]:>14.2f} {s2["img_per_s"]:>14.2f} {s1["gflop_per_image"]:>6.2f} / '
+              f'{s2["gflop_per_image"]:<5.2f} {s1["gflop_per_s"]:>5.0f} / {s2["gflop_per_s"]:<4.0f} '
+              f'{res["conv_peak_gflop_per_s"]:>10.0f}', flush=True)
     for v in variants:
         res = report['results'][v]
         if isinstance(res, dict) and res.get('profile'):
