@@ -57,25 +57,27 @@ class MaxPool2dTfSame(nn.Module):
 
 class LocalResponseNorm(nn.Module):
     """Cross-channel LRN over ``num_channels`` channels, ``nn.LocalResponseNorm(size, alpha, beta, k)`` semantics
-    (alpha divided by size, zero padding at the ends). The band matrix is a non-persistent buffer: no state-dict
-    keys."""
+    (alpha divided by size, zero padding at the ends). No parameters or buffers: the 0/1 band matrix is built per
+    call on the input's device (microseconds), so meta-device construction, ``.to(dtype)`` and state dicts are
+    unaffected."""
 
     def __init__(self, num_channels: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
                  k: float = 1.0) -> None:
         super().__init__()
         self.num_channels, self.size, self.alpha, self.beta, self.k = num_channels, size, alpha, beta, k
-        # output channel i sums the squares of channels i - size // 2 .. i + (size - 1) // 2 (torch's window)
-        idx = torch.arange(num_channels)
+
+    def band(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[C, C, 1, 1]: output channel i sums channels i - size // 2 .. i + (size - 1) // 2 (torch's window)."""
+        idx = torch.arange(self.num_channels, device=device)
         offset = idx[None, :] - idx[:, None]
-        band = ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).float()
-        self.register_buffer('band', band[:, :, None, None], persistent=False)
+        return ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)).to(dtype)[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sq = x * x
-        window = F.conv2d(sq, self.band.to(sq.dtype))  # sum of squares over the channel window (ones: exact)
+        window = F.conv2d(sq, self.band(x.device, sq.dtype))  # sum of squares over the channel window (exact ones)
         # the factor in float32 (as torch's LRN under autocast, which runs avg_pool3d in float32): bf16 inputs lose
-        # only the rounding of their squares
-        return x * (window.float() * (self.alpha / self.size) + self.k).pow(-self.beta)
+        # only the rounding of their squares and of the output (which the next conv would round to bf16 anyway)
+        return (x * (window.float() * (self.alpha / self.size) + self.k).pow(-self.beta)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f'{self.num_channels}, size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}'

@@ -110,7 +110,8 @@ def _resize_mask(mask: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return upsample_mask(mask, (ref.shape[-2], ref.shape[-1]))
 
 
-def _mask_in_layout_of(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+@register_notrace_function  # reason: branches on the layout (fx wraps only public names: no leading _)
+def mask_in_layout_of(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``mask`` [B, 1, H, W] with channels-last strides when ``x`` is channels-last. A one-channel tensor is
     contiguous in both layouts, but ``torch.cat([x, mask], 1)`` keeps channels-last only if ``mask``'s strides say
     so; otherwise the concatenation comes out NCHW and the next convolution copies it back."""
@@ -206,7 +207,7 @@ class RepairBlock(nn.Module):
         self.conv2 = create_conv2d(channels, channels, 3, stride=1, padding='same', bias=True, **dd)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        mask = _mask_in_layout_of(mask.to(x.dtype), x)
+        mask = mask_in_layout_of(mask.to(x.dtype), x)
         residual = self.conv1(torch.cat([self.pre(x), mask], dim=1))
         residual = self.conv2(self.bn1(residual))
         if self.gate:
