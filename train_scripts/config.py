@@ -183,11 +183,11 @@ class RunConfig:
     mixed_precision: str = opt('auto', "'auto' (bf16 where it is fast: GPUs with bf16, CPUs with AVX512-BF16 or "
                                        "AMX; else float32), 'no', 'bf16' or 'fp16' (Accelerate autocast; losses stay "
                                        "float32)", choices=('auto', 'no', 'bf16', 'fp16'), verbatim=True)
-    channels_last: Union[bool, str] = opt('auto', "channels-last memory format for the networks and images ('auto': "
-                                                  "on with bf16 and on GPUs)", choices=(True, False, 'auto'))
+    channels_last: Union[bool, str] = opt('auto', "channels-last memory format for images and activations; "
+                                                  "parameters stay contiguous ('auto': on with bf16 and on GPUs)", choices=(True, False, 'auto'))
     compile: bool = opt(False, "torch.compile (inductor, through Accelerate's dynamo_backend) the prepared forwards "
                                "(stage 1: D(E(x)); stage 2: C's step and R); graphs that do not compile run eagerly "
-                               "with a warning. Measured: train_scripts/README.md")
+                               "with a warning. Off by default: slower on this project's CPU (benchmarks/README.md)")
     retain_freed_memory: bool = opt(True, 'CPU: keep freed tensor memory in the heap for the next step instead of '
                                           'unmapping it (glibc mallopt; train_scripts/allocator.py): large tensors '
                                           'are not page-faulted in again every step')
