@@ -5,7 +5,7 @@ glibc serves every allocation above its mmap threshold (32 MB at most) with a fr
 float32 gradient, the activations of a batch) is page-faulted in again at every step. PyTorch's CPU allocator has
 no cache of its own; Intel's tuning guides preload jemalloc or tcmalloc for the same reason. Turning glibc's mmap
 path off (``M_MMAP_MAX = 0``) and raising its trim threshold keeps the freed pages in the heap, where the next step
-reuses them. Measured in benchmarks/README.md (``python train_scripts/benchmark.py --variants default,system_malloc``).
+reuses them. Measured: ``python train_scripts/benchmark.py --ab retain_freed_memory`` (benchmarks/README.md).
 
 Cost: the process keeps its peak heap (it does not shrink between steps); its peak is unchanged.
 """
@@ -15,29 +15,31 @@ import ctypes
 import ctypes.util
 import sys
 
-# glibc <malloc.h>
-M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
+# glibc <malloc.h> parameters and glibc's defaults for them
+M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD = -1, 128 * 1024
+M_MMAP_MAX, DEFAULT_MMAP_MAX = -4, 65536
 TRIM_THRESHOLD_BYTES = 2 ** 31 - 1  # the largest value mallopt takes (an int): keep up to 2 GiB of free heap
 
-_applied = False
 
-
-def retain_freed_memory() -> bool:
-    """Apply the setting to this process (once); False where the C library is not glibc (nothing changed)."""
-    global _applied
-    if _applied:
-        return True
+def _glibc_mallopt():
+    """glibc's ``mallopt``, or None (not Linux, or a C library that is not glibc: musl has no
+    ``gnu_get_libc_version``)."""
     if not sys.platform.startswith('linux'):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        libc.gnu_get_libc_version  # noqa: B018 - glibc check
         mallopt = libc.mallopt
-        gnu_libc_version = libc.gnu_get_libc_version  # musl has mallopt as a stub, but not this
     except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def retain_freed_memory(enable: bool = True) -> bool:
+    """Keep freed memory in the heap (``enable``), or restore glibc's defaults; False where glibc is absent."""
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
-    del gnu_libc_version
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    _applied = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
-    return _applied
+    mmap_max, trim = (0, TRIM_THRESHOLD_BYTES) if enable else (DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD)
+    return mallopt(M_MMAP_MAX, mmap_max) == 1 and mallopt(M_TRIM_THRESHOLD, trim) == 1

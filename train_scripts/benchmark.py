@@ -16,6 +16,7 @@ default with ``compile: true``: torch.compile of the prepared forwards), ``syste
 
     python train_scripts/benchmark.py --img-size 64 --batch-size 32 --threads 2 --variants eager,default --json F
     python train_scripts/benchmark.py --variants default --profile 5   # + per-phase and top-op tables
+    python train_scripts/benchmark.py --ab trunk_layers --threads 2    # one change on vs off, in one process
 """
 from __future__ import annotations
 
@@ -108,24 +109,78 @@ def conv_peak_flops(trainer, warmup: int = 2, iters: int = 5) -> float:
     return flops / statistics.median(times)
 
 
-def worker(args) -> dict:
-    """One variant, in this process: build the trainer, time its two step functions."""
+def build_trainer(args, tmp: str, **settings):
+    """A Pretrainer with the benchmark's settings (built-in data, no workers) and a fixed synthetic batch."""
     from train_scripts import config as config_lib
     from train_scripts.trainer import Pretrainer
 
+    user = dict(data='builtin', img_size=args.img_size, batch_size=args.batch_size, output_dir=tmp,
+                threads=args.threads, progress=False, num_workers=0, history_batches=10,
+                cpu=args.device == 'cpu', **settings)
+    trainer = Pretrainer(config_lib.resolve(user))
+    trainer.stage_totals = {1: 10 ** 6, 2: 10 ** 6}
+    trainer.generator = trainer.create_generator()
+    g = torch.Generator().manual_seed(0)
+    x = trainer.memory_format((torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g) * 2 - 1)
+                              .to(trainer.device))
+    return trainer, x
+
+
+def set_parameter_layout(stage, channels_last: bool) -> None:
+    """4-D parameters of C and R (and their Adam states) channels-last, as the trainer made them before, or
+    contiguous, as it makes them now."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    updates = [u for u in (stage.c_update, stage.r_update) if u is not None]
+    for update in updates:
+        for group in update.optimizer.param_groups:
+            for p in group['params']:
+                if p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=fmt)
+                    state = update.optimizer.state.get(p, {})
+                    for k, v in state.items():
+                        if torch.is_tensor(v) and v.dim() == 4:
+                            state[k] = v.contiguous(memory_format=fmt)
+
+
+def ab_compare(args) -> dict:
+    """Stage 2 with one change on and off in ONE process (same networks, data and machine load), alternating the
+    order every round: ``--ab-rounds`` rounds of 1 untimed + ``--iters`` timed steps per setting. Changes:
+    ``retain_freed_memory`` (glibc keeps freed memory vs its defaults), ``trunk_layers`` (the discriminator's fast
+    pooling / LRN / in-place ReLUs vs the reference layers they replace), ``contiguous_params`` (contiguous vs
+    channels-last parameters and Adam states)."""
+    from train_scripts.allocator import retain_freed_memory
+    from timm_spot.models._spot_layers import reference_trunk
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, x = build_trainer(args, tmp, retain_freed_memory=False)
+        stage = trainer.build_stage(2)
+        stage.set_modes()
+        fast_trunk = stage.disc.features
+        ref_trunk = reference_trunk(fast_trunk)
+        switch = {
+            'retain_freed_memory': lambda on: retain_freed_memory(on),
+            'trunk_layers': lambda on: setattr(stage.disc, 'features', fast_trunk if on else ref_trunk),
+            'contiguous_params': lambda on: set_parameter_layout(stage, channels_last=not on),
+        }[args.ab]
+        times = {True: [], False: []}
+        step = 0
+        for r in range(args.ab_rounds):
+            for on in ((True, False) if r % 2 == 0 else (False, True)):
+                switch(on)
+                times[on] += time_steps(lambda i, xx: stage.step(step + i, xx), x, 1, args.iters, trainer.device)
+                step += args.iters + 1
+        on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
+    return {'change': args.ab, 'img_size': args.img_size, 'batch_size': args.batch_size,
+            'threads': torch.get_num_threads(), 'on_img_per_s': args.batch_size / on_s,
+            'off_img_per_s': args.batch_size / off_s, 'speedup': off_s / on_s}
+
+
+def worker(args) -> dict:
+    """One variant, in this process: build the trainer, time its two step functions."""
     settings = dict(VARIANTS[args.variant])
     with tempfile.TemporaryDirectory() as tmp:
-        user = dict(data='builtin', img_size=args.img_size, batch_size=args.batch_size, output_dir=tmp,
-                    threads=args.threads, progress=False, num_workers=0, history_batches=10,
-                    cpu=args.device == 'cpu', **settings)
-        cfg = config_lib.resolve(user)
-        trainer = Pretrainer(cfg)
+        trainer, x = build_trainer(args, tmp, **settings)
         device = trainer.device
-        trainer.stage_totals = {1: 10 ** 6, 2: 10 ** 6}
-        trainer.generator = trainer.create_generator()
-        g = torch.Generator().manual_seed(0)
-        x = trainer.memory_format((torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g) * 2 - 1)
-                                  .to(device))
         out = {'mixed_precision': trainer.mixed_precision, 'channels_last': trainer.channels_last,
                'threads': torch.get_num_threads()}
         profiles = []
@@ -159,8 +214,21 @@ def main(argv=None) -> int:
     parser.add_argument('--profile', type=int, default=0, metavar='STEPS',
                         help='also profile STEPS steps per stage (torch.profiler: phases and top ops)')
     parser.add_argument('--json', default=None, help='also write the results to this JSON file')
+    parser.add_argument('--ab', default=None, choices=('retain_freed_memory', 'trunk_layers', 'contiguous_params'),
+                        help='instead of the variants: stage 2 with this one change on and off, alternating in one '
+                             'process (the speed-up of the change alone)')
+    parser.add_argument('--ab-rounds', type=int, default=8, help='--ab: on/off rounds')
     parser.add_argument('--variant', default=None, help=argparse.SUPPRESS)  # internal: run one variant here
     args = parser.parse_args(argv)
+
+    if args.ab:
+        res = ab_compare(args)
+        print(f"{res['change']}: stage 2 at {res['img_size']}px, batch {res['batch_size']}, {res['threads']} threads: "
+              f"on {res['on_img_per_s']:.1f} img/s, off {res['off_img_per_s']:.1f} img/s, {res['speedup']:.2f}x")
+        if args.json:
+            with open(args.json, 'w', encoding='utf-8') as f:
+                json.dump(res, f, indent=1)
+        return 0
 
     if args.variant:
         print(json.dumps(worker(args)))

@@ -184,7 +184,8 @@ class RunConfig:
                                        "AMX; else float32), 'no', 'bf16' or 'fp16' (Accelerate autocast; losses stay "
                                        "float32)", choices=('auto', 'no', 'bf16', 'fp16'), verbatim=True)
     channels_last: Union[bool, str] = opt('auto', "channels-last memory format for images and activations; "
-                                                  "parameters stay contiguous ('auto': on with bf16 and on GPUs)", choices=(True, False, 'auto'))
+                                                  "parameters stay contiguous ('auto': on with bf16 and on GPUs)",
+                                          choices=(True, False, 'auto'))
     compile: bool = opt(False, "torch.compile (inductor, through Accelerate's dynamo_backend) the prepared forwards "
                                "(stage 1: D(E(x)); stage 2: C's step and R); graphs that do not compile run eagerly "
                                "with a warning. Off by default: slower on this project's CPU (benchmarks/README.md)")

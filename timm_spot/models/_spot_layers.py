@@ -11,22 +11,13 @@
 Both have no parameters, so state dicts are unchanged. :func:`reference_trunk` rebuilds a trunk on the reference
 layers they replace; tests/test_spot_layers.py and benchmarks/backbone_speed.py compare the two.
 """
-import math
-from typing import Tuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import create_pool2d
+from timm.layers import create_pool2d, get_same_padding, pad_same
 from timm.models import register_notrace_module
 
-__all__ = ['MaxPool2dTfSame', 'LocalResponseNorm', 'tf_same_pads', 'reference_trunk']
-
-
-def tf_same_pads(size: int, kernel: int, stride: int) -> Tuple[int, int]:
-    """(before, after) padding of TF 'SAME' along one axis: output ceil(size / stride), extra pad after."""
-    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
+__all__ = ['MaxPool2dTfSame', 'LocalResponseNorm', 'reference_trunk']
 
 
 @register_notrace_module  # reason: the padding depends on the input size
@@ -40,15 +31,13 @@ class MaxPool2dTfSame(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s = self.kernel_size, self.stride
-        pad_h = tf_same_pads(x.shape[-2], k, s)
-        pad_w = tf_same_pads(x.shape[-1], k, s)
-        out = F.max_pool2d(x, k, s, padding=(pad_h[0], pad_w[0]),
-                           ceil_mode=pad_h[1] > pad_h[0] or pad_w[1] > pad_w[0])
+        pad_h = get_same_padding(x.shape[-2], k, s, 1)  # TF 'SAME' totals; the odd pixel goes after
+        pad_w = get_same_padding(x.shape[-1], k, s, 1)
+        out = F.max_pool2d(x, k, s, padding=(pad_h // 2, pad_w // 2), ceil_mode=pad_h % 2 == 1 or pad_w % 2 == 1)
         if out.shape[-2] != -(-x.shape[-2] // s) or out.shape[-1] != -(-x.shape[-1] // s):
-            # ceil_mode on the other axis overshot (only for sizes where that axis needs no extra pad and
-            # its last window fits exactly once more): pad explicitly, as timm does
-            x = F.pad(x, (pad_w[0], pad_w[1], pad_h[0], pad_h[1]), value=-float('inf'))
-            out = F.max_pool2d(x, k, s)
+            # ceil_mode overshot on the axis without an odd pad (possible only when kernel <= stride): pad
+            # explicitly, as timm's MaxPool2dSame does
+            out = F.max_pool2d(pad_same(x, [k, k], [s, s], value=-float('inf')), k, s)
         return out
 
     def extra_repr(self) -> str:

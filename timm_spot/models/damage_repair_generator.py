@@ -117,9 +117,7 @@ def mask_in_layout_of(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     so; otherwise the concatenation comes out NCHW and the next convolution copies it back."""
     if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         return mask
-    b, _, h, w = mask.shape
-    out = torch.empty(b * h * w, dtype=mask.dtype, device=mask.device).as_strided(mask.shape, (h * w, 1, w, 1))
-    return out.copy_(mask)
+    return mask.clone(memory_format=torch.channels_last)  # strides (H*W, 1, W, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
