@@ -28,8 +28,9 @@ def _logit_grad(kind, corrupt_logit):
     corrupt = torch.tensor([corrupt_logit], requires_grad=True)
     x = torch.zeros(1, 3, 16, 16)
     mask = torch.ones(1, 1, 1, 1)
+    coop = 1.0 if kind == 'code' else 0.0  # the code's objective includes C's class CE
     total, _ = L.repair_objective(real, corrupt, None, None, x, x, mask, kind=kind, adv_weight=1.0,
-                                  rec_weight=0.0, mask_weight=0.0)
+                                  rec_weight=0.0, coop_class_weight=coop, coop_mask_weight=0.0)
     total.backward()
     return corrupt.grad.item()
 
@@ -57,7 +58,7 @@ def test_code_objective_values_and_cooperative_mask_term():
     mask = (torch.rand(4, 1, 2, 2) > 0.5).float()
     x, x_hat = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
     total, parts = L.repair_objective(rl, cl, rm, cm, x_hat, x, mask, kind='code', adv_weight=0.5, rec_weight=30.0,
-                                      class_weight=1.0, mask_weight=1.0)
+                                      coop_class_weight=1.0, coop_mask_weight=1.0)
     expect_coop = L.discriminator_class_loss(rl, cl) + L.mask_loss(rm, cm, mask)
     expect_adv = F.binary_cross_entropy_with_logits(torch.cat([rl, cl]), torch.cat([torch.zeros(4), torch.ones(4)]))
     assert parts['r_coop'].item() == pytest.approx(expect_coop.item(), rel=1e-6)

@@ -31,7 +31,7 @@ from timm_spot.data import decode_image, holdout_split, load_image_source
 from .config import AugmentConfig, DataConfig, PretrainConfig
 
 # tags that separate the random streams derived from one (seed, stage, step, rank)
-TAG_DATA, TAG_MASK, TAG_HISTORY, TAG_NOISE, TAG_TORCH, TAG_PERM, TAG_INIT, TAG_FIGURE = range(1, 9)
+TAG_DATA, TAG_MASK, TAG_HISTORY, TAG_NOISE, TAG_TORCH, TAG_PERM, TAG_INIT, TAG_FIGURE, TAG_SHORTCUT = range(1, 10)
 
 _MAX_CONSECUTIVE_UNREADABLE = 1000
 

@@ -116,13 +116,30 @@ class LossConfig:
     ae_loss_weight: float = opt(30.0, 'stage 1: weight of the MSE reconstruction loss (code: 30)', low=0.0)
     class_loss_weight: float = opt(1.0, 'C: weight of the real-vs-corrupt cross-entropy', low=0.0)
     mask_loss_weight: float = opt(0.1, 'C: weight of the drop-mask sigmoid cross-entropy (0 = ablation (g))', low=0.0)
-    adv_loss_weight: float = opt(1.0, 'R: weight of the non-saturating adversarial loss', low=0.0)
+    adv_loss_weight: float = opt(1.0, "R: weight of the adversarial term (its form: generator_loss)", low=0.0)
     rec_loss_weight: float = opt(30.0, 'R: weight of the L2 loss on kept cells', low=0.0)
-    generator_loss: str = opt('nonsaturating', "R's objective: 'nonsaturating' (paper Sec. 4.4: corrupt images "
-                                               "labelled real) or 'code' (the authors' code: C's own losses plus the "
-                                               "swapped-label CE, which pushes C to uncertainty on corrupt images and "
-                                               "helps its mask head; docs/method.md)",
+    generator_loss: str = opt('nonsaturating', "R's adversarial term: 'nonsaturating' (paper Sec. 4.4: BCE of the "
+                                               "corrupt half labelled real) or 'code' (the authors' code: CE with "
+                                               "swapped labels over [real; corrupt]; docs/method.md)",
                               choices=('nonsaturating', 'code'))
+    r_coop_class_weight: Optional[float] = opt(None, "R: weight of C's own real-vs-corrupt CE in R's loss (the "
+                                                     "authors' code: 1; paper: 0); null = class_loss_weight with "
+                                                     "generator_loss code, else 0", low=0.0)
+    r_coop_mask_weight: Optional[float] = opt(None, "R: weight of C's own mask CE in R's loss, which pays R to make "
+                                                    "its artifacts easy to locate (code: 0.1; paper: 0); null = "
+                                                    "mask_loss_weight with generator_loss code, else 0", low=0.0)
+    r_cell_stats_weight: float = opt(0.0, "R: weight of the cell-statistics match (beyond the paper): per-cell "
+                                          "colour mean and contrast of x_hat vs the autoencoded image on dropped "
+                                          "cells, so C cannot win from brightness or contrast alone", low=0.0)
+
+    def r_coop_weights(self) -> Tuple[float, float]:
+        """(class, mask) weights of the cooperative terms in R's objective, nulls resolved."""
+        code = self.generator_loss == 'code'
+        cls = self.r_coop_class_weight if self.r_coop_class_weight is not None else \
+            (self.class_loss_weight if code else 0.0)
+        msk = self.r_coop_mask_weight if self.r_coop_mask_weight is not None else \
+            (self.mask_loss_weight if code else 0.0)
+        return cls, msk
 
 
 @dataclass
@@ -146,6 +163,14 @@ class MethodConfig:
                                    'process)', low=1)
     history_fraction: float = opt(0.5, 'fraction of each corrupt batch shown to C that comes from the history',
                                   low=0.0, high=1.0)
+    update: str = opt('sequential', "stage-2 updates per iteration: 'sequential' (C steps, then R against the "
+                                    "updated C) or 'joint' (the authors' code: both gradients at the same C, applied "
+                                    "together)", choices=('sequential', 'joint'))
+    r_real_half_grad: bool = opt(True, "R gets gradient from the real half of C's batch through C's batch statistics "
+                                       "(BatchNorm over [real; x_hat]); false cuts that path")
+    objective: Optional[str] = opt(None, "stage-2 objective preset (OBJECTIVES: 'paper', 'code', 'spot_c10_64_v2', "
+                                         "'spot_v3'), applied after the ablation preset and before the config file "
+                                         "and overrides", verbatim=True)
 
 
 @dataclass
@@ -197,6 +222,9 @@ class RunConfig:
                                  low=1)
     log_every: int = opt(10, 'steps between metrics.jsonl records / progress-bar updates', low=1)
     figure_every: int = opt(200, 'steps between Figure-3 grids (0: only at the end of a stage)', low=0)
+    shortcut_every: int = opt(500, 'stage 2: steps between shortcut-monitor records (shortcut.py: cell statistics '
+                                   "vs C, on a fixed image set; also at the end of the stage; 0: never)", low=0)
+    shortcut_images: int = opt(256, 'stage 2: images in the shortcut monitor set', low=8)
     checkpoint_every: int = opt(500, 'steps between checkpoints (0: only at the end of a stage)', low=0)
     keep_checkpoints: int = opt(2, 'checkpoints kept (older ones are deleted)', low=1)
     num_figure_images: int = opt(8, 'images (columns) in the Figure-3 grid', low=1)
@@ -417,6 +445,32 @@ ABLATION_NAMES = {
 }
 
 
+# Stage-2 objectives: which weight each term of L_C and L_R gets (losses.discriminator_objective / repair_objective)
+# and how C and R are updated. Terms: C's class CE, C's mask CE; R's adversarial term (form: generator_loss), R's
+# kept-cell L2, R's cooperative class and mask terms (C's own losses in R's objective), R's cell-statistics match.
+OBJECTIVES: Dict[str, Dict[str, Any]] = {
+    # paper Sec. 4.3-4.4: non-saturating adversarial loss, mask weight 0.1, L2 weight 30, nothing cooperative;
+    # the paper does not say how C and R are interleaved (this project's C-then-R)
+    'paper': dict(generator_loss='nonsaturating', class_loss_weight=1.0, mask_loss_weight=0.1, adv_loss_weight=1.0,
+                  rec_loss_weight=30.0, r_coop_class_weight=0.0, r_coop_mask_weight=0.0, r_cell_stats_weight=0.0,
+                  update='sequential', r_real_half_grad=True),
+    # the authors' TF code: R's loss sums every loss in its scope (C's class CE and 0.1 x mask CE, the swapped-label
+    # CE, 30 x L2); both gradients from one forward, applied together; C's BN sees [real; corrupt] together
+    'code': dict(generator_loss='code', class_loss_weight=1.0, mask_loss_weight=0.1, adv_loss_weight=1.0,
+                 rec_loss_weight=30.0, r_coop_class_weight=1.0, r_coop_mask_weight=0.1, r_cell_stats_weight=0.0,
+                 update='joint', r_real_half_grad=True),
+    # the release spot_c10_64_v2 (beyond paper and code: mask weight 1.0 for C *and* R, C-then-R)
+    'spot_c10_64_v2': dict(generator_loss='code', class_loss_weight=1.0, mask_loss_weight=1.0, adv_loss_weight=1.0,
+                           rec_loss_weight=30.0, r_coop_class_weight=1.0, r_coop_mask_weight=1.0,
+                           r_cell_stats_weight=0.0, update='sequential', r_real_half_grad=True),
+    # the recipe chosen by probes (benchmarks/README.md, "Stage-2 objective study"); beyond paper and code: C's mask
+    # weight 1.0, R's cooperative mask term at the code's 0.1, no real-half path to R, the cell-statistics match
+    'spot_v3': dict(generator_loss='code', class_loss_weight=1.0, mask_loss_weight=1.0, adv_loss_weight=1.0,
+                    rec_loss_weight=30.0, r_coop_class_weight=1.0, r_coop_mask_weight=0.1, r_cell_stats_weight=30.0,
+                    update='sequential', r_real_half_grad=False),
+}
+
+
 # ------------------------------------------------------------------------------------------------ files and flags
 def parse_value(text: str) -> Any:
     """Parse a CLI value as YAML (numbers, booleans, null, lists, dicts), falling back to the raw string."""
@@ -469,7 +523,8 @@ def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
 
 
 def resolve(user: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> PretrainConfig:
-    """Defaults (or flat ``base``) -> ablation preset (if ``user`` names one) -> ``user`` keys; validated."""
+    """Defaults (or flat ``base``) -> ablation preset -> objective preset (each if ``user`` names one) -> ``user``
+    keys; validated."""
     flat = copy.deepcopy(base if base is not None else DEFAULTS)
     ablation = user.get('ablation')  # a preset is applied only when given in this invocation's file or flags
     if ablation is not None:
@@ -477,6 +532,12 @@ def resolve(user: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Pret
         if ablation not in ABLATIONS:
             raise ConfigError(f'ablation must be one of {sorted(ABLATIONS)}, got {ablation!r}')
         flat.update(copy.deepcopy(ABLATIONS[ablation]))
+    objective = user.get('objective')  # likewise, after the ablation preset
+    if objective is not None:
+        objective = str(objective)
+        if objective not in OBJECTIVES:
+            raise ConfigError(f'objective must be one of {sorted(OBJECTIVES)}, got {objective!r}')
+        flat.update(copy.deepcopy(OBJECTIVES[objective]))
     flat.update(copy.deepcopy(user))
     if ablation is not None:
         flat['ablation'] = ablation
@@ -490,6 +551,7 @@ def format_keys_help() -> str:
         for f in dataclasses.fields(section_type):
             lines.append(f'  {f.name} (default {DEFAULTS[f.name]!r}): {f.metadata["help"]}')
     lines.append('ablation presets (Table 1): ' + '; '.join(f'{k}: {v}' for k, v in ABLATION_NAMES.items()))
+    lines.append('objective presets (stage 2): ' + '; '.join(f'{k}: {v}' for k, v in OBJECTIVES.items()))
     return '\n'.join(lines)
 
 

@@ -82,6 +82,41 @@ def kept_cells_l2_loss(x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor)
     return sq.sum() / denom
 
 
+STAT_NAMES = ('mean_r', 'mean_g', 'mean_b', 'contrast', 'saturation', 'laplacian')
+
+
+def cell_statistics(images: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Per-cell statistics of images in [-1, 1]: [B, M, N, 6] = RGB mean, luminance std (contrast), mean saturation
+    (max - min over RGB), RMS of the luminance Laplacian (smoothness), for an M x N grid of equal cells."""
+    x = images.float()
+    lum = x.mean(1, keepdim=True)
+    sat = x.amax(1, keepdim=True) - x.amin(1, keepdim=True)
+    kernel = torch.tensor([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]], device=x.device).view(1, 1, 3, 3)
+    lap = F.conv2d(F.pad(lum, (1, 1, 1, 1), mode='replicate'), kernel)
+    pool = lambda t: F.adaptive_avg_pool2d(t, grid)  # noqa: E731  (cells tile the image: img_size / grid)
+    mean_rgb = pool(x)
+    contrast = (pool(lum ** 2) - pool(lum) ** 2).clamp_min(0).add(1e-6).sqrt()  # eps: finite gradient at 0
+    stats = torch.cat([mean_rgb, contrast, pool(sat), pool(lap ** 2).add(1e-6).sqrt()], 1)  # [B, 6, M, N]
+    return stats.permute(0, 2, 3, 1)
+
+
+
+def cell_statistics_loss(x_hat: torch.Tensor, x_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """R's cell-statistics match (beyond the paper; config ``r_cell_stats_weight``): over the DROPPED cells of the
+    batch, the mean and the standard deviation of each :func:`cell_statistics` of ``x_hat`` against those of the same
+    cells of the autoencoded ``x_ref`` (no gradient), in units of the reference's spread. A population match, not a
+    per-cell target: R need not guess what was dropped, only stop repairs from being brighter, flatter or greyer than
+    autoencoded cells on average, the cues a linear model finds. 0 with fewer than two dropped cells."""
+    grid = tuple(mask.shape[-2:])
+    dropped = (mask.float() < 0.5).squeeze(1)  # [B, M, N]
+    if int(dropped.sum()) < 2:
+        return torch.zeros((), device=x_hat.device)
+    hat = cell_statistics(x_hat, grid)[dropped]  # [cells, S]
+    ref = cell_statistics(x_ref.detach(), grid)[dropped]
+    scale = ref.std(0).clamp_min(1e-3)
+    return (((hat.mean(0) - ref.mean(0)) / scale).pow(2) + ((hat.std(0) - ref.std(0)) / scale).pow(2)).mean()
+
+
 def discriminator_objective(real_logits: torch.Tensor, corrupt_logits: torch.Tensor,
                             real_mask_logits: Optional[torch.Tensor], corrupt_mask_logits: Optional[torch.Tensor],
                             corrupt_masks: Optional[torch.Tensor], class_weight: float = 1.0,
@@ -101,34 +136,47 @@ def discriminator_objective(real_logits: torch.Tensor, corrupt_logits: torch.Ten
 def repair_objective(real_logits: torch.Tensor, corrupt_logits: torch.Tensor,
                      real_mask_logits: Optional[torch.Tensor], corrupt_mask_logits: Optional[torch.Tensor],
                      x_hat: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor], kind: str = 'nonsaturating',
-                     adv_weight: float = 1.0, rec_weight: float = 30.0, class_weight: float = 1.0,
-                     mask_weight: float = 0.1) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                     adv_weight: float = 1.0, rec_weight: float = 30.0, coop_class_weight: float = 0.0,
+                     coop_mask_weight: float = 0.0, cell_stats_weight: float = 0.0,
+                     x_ref: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """L_R, the repair network's objective (paper Sec. 4.3-4.4: R's side of Eq. (4), min over R, plus the L2 on kept
-    cells of Sec. 4.4; docs/method.md), from C's outputs on [real; x_hat]:
+    cells of Sec. 4.4; docs/method.md), from C's outputs on [real; x_hat]. Four named terms:
 
-    * ``nonsaturating`` (paper): ``adv_weight * BCE(C(x_hat), real) + rec_weight * L2 on kept cells``;
-    * ``code`` (the authors' code sums every loss in R's scope): ``L_C(true labels) + adv_weight * CE(swapped
-      labels over [real; corrupt]) + rec_weight * L2 on kept cells``. On a corrupt logit the two class terms give
-      the gradient ``sigmoid(l) - 1/2`` (up to scale): R makes C *uncertain* instead of fooling it, and the mask
-      term is cooperative (R's artifacts become easier to locate).
+    ``adv_weight * adversarial + rec_weight * L2(kept cells)
+    + coop_class_weight * CE(true labels) + coop_mask_weight * mask sigmoid-CE``
+    (+ ``cell_stats_weight * cell_statistics_loss(x_hat, x_ref, mask)``, beyond the paper)
 
-    ``mask`` None = no kept-cell term (the GAN of ablation (l)). Only the corrupt half carries gradient to R.
-    Returns the total (without weight decay) and its parts ``r_adv``, ``r_rec`` (and ``r_coop`` for ``code``).
+    * adversarial, ``kind='nonsaturating'`` (paper): BCE(C(x_hat), real) over the corrupt half;
+      ``kind='code'`` (the authors' code): CE with swapped labels over [real; corrupt];
+    * the two cooperative terms are C's own losses (the authors' code sums every loss in R's scope, so R's total
+      contains ``L_C`` with C's weights). With ``code`` and ``coop_class_weight`` 1 the class terms give a corrupt
+      logit the gradient ``sigmoid(l) - 1/2`` (up to scale): R makes C *uncertain* instead of fooling it; the mask
+      term pays R to make its artifacts easier to locate.
+
+    Which half reaches R: the real-half terms depend on x_hat only through C's batch statistics (C normalises
+    [real; x_hat] together in train mode); the caller detaches the real-half logits to cut that path
+    (``r_real_half_grad: false``). ``mask`` None = no kept-cell term (the GAN of ablation (l)). Returns the total
+    (without weight decay) and its parts ``r_adv``, ``r_rec`` (and ``r_coop``, ``r_coop_class``, ``r_coop_mask``,
+    ``r_cell_stats`` when weighted).
     """
-    rec = kept_cells_l2_loss(x_hat, x, mask) if mask is not None else torch.zeros((), device=x_hat.device)
-    parts: Dict[str, torch.Tensor] = {'r_rec': rec}
+    zero = torch.zeros((), device=x_hat.device)
+    rec = kept_cells_l2_loss(x_hat, x, mask) if mask is not None else zero
     if kind == 'nonsaturating':
         adv = generator_adversarial_loss(corrupt_logits)
-        total = adv_weight * adv + rec_weight * rec
     elif kind == 'code':
         adv = discriminator_class_loss(corrupt_logits, real_logits)  # swapped labels, mean over 2B
-        coop, _ = discriminator_objective(real_logits, corrupt_logits, real_mask_logits, corrupt_mask_logits, mask,
-                                          class_weight, mask_weight)
-        parts['r_coop'] = coop
-        total = coop + adv_weight * adv + rec_weight * rec
     else:
         raise ValueError(f"generator_loss must be 'nonsaturating' or 'code', got {kind!r}")
-    parts['r_adv'] = adv
+    parts: Dict[str, torch.Tensor] = {'r_adv': adv, 'r_rec': rec}
+    total = adv_weight * adv + rec_weight * rec
+    if coop_class_weight > 0 or coop_mask_weight > 0:  # C's objective at R's weights (same sum order as L_C)
+        coop, coop_parts = discriminator_objective(real_logits, corrupt_logits, real_mask_logits, corrupt_mask_logits,
+                                                   mask, coop_class_weight, coop_mask_weight)
+        parts.update(r_coop=coop, r_coop_class=coop_parts['c_class'], r_coop_mask=coop_parts['c_mask'])
+        total = coop + total
+    if cell_stats_weight > 0 and mask is not None and x_ref is not None:
+        parts['r_cell_stats'] = cell_statistics_loss(x_hat, x_ref, mask)
+        total = total + cell_stats_weight * parts['r_cell_stats']
     return total, parts
 
 

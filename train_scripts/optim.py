@@ -2,7 +2,8 @@
 
 A :class:`NetworkUpdate` is one network's optimiser step as the stages use it: ``update(step, lr, objective,
 parts)`` sets the LR, adds the weight decay, stops on a non-finite loss, backpropagates (through Accelerate), scales
-bias gradients and steps Adam.
+bias gradients and steps Adam; ``gradients`` and ``apply`` are its two halves (stage 2's joint update computes both
+networks' gradients before applying either).
 """
 from __future__ import annotations
 
@@ -71,10 +72,10 @@ class NetworkUpdate:
             norms = torch._foreach_norm([p.detach() for p in self.decay])
             return wd * 0.5 * torch.stack(norms).float().pow(2).sum()
 
-    def __call__(self, step: int, lr: float, objective: torch.Tensor,
-                 parts: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """objective + weight decay, NaN check, backward, bias-gradient scaling, Adam step at ``lr``. Returns the
-        detached parts with ``<prefix>_wd`` and ``<prefix>_total`` for the logs."""
+    def gradients(self, step: int, lr: float, objective: torch.Tensor,
+                  parts: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """objective + weight decay, NaN check, backward, bias-gradient scaling; the LR is set for :meth:`apply`.
+        Returns the detached parts with ``<prefix>_wd`` and ``<prefix>_total`` for the logs."""
         for group in self.optimizer.param_groups:
             group['lr'] = lr
         wd = self.weight_decay_term()
@@ -84,5 +85,15 @@ class NetworkUpdate:
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(total)
         scale_gradients(self.biases, self.cfg.bias_grad_mult)
-        self.optimizer.step()
         return {k: v.detach() for k, v in logged.items()}
+
+    def apply(self) -> None:
+        """The Adam step with the gradients of the last :meth:`gradients`."""
+        self.optimizer.step()
+
+    def __call__(self, step: int, lr: float, objective: torch.Tensor,
+                 parts: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """:meth:`gradients` then :meth:`apply`: one network's whole update."""
+        logged = self.gradients(step, lr, objective, parts)
+        self.apply()
+        return logged

@@ -9,9 +9,12 @@ Stage 2 (damage & repair vs. discriminator), E and D frozen:
   generator, timm_spot/models/damage_repair_generator.py), a fresh drop mask Omega per image and step (corrupt.py);
   half of the corrupt batch shown to C comes from the history buffer (with its masks);
 * C step: ``L_C`` (losses.discriminator_objective): C's side of L_class, Eq. (4), plus L_mask, Eq. (5);
-* R step, on the updated C and the same batch: ``L_R`` (losses.repair_objective): R's side of Eq. (4) + 30 * L2 on
-  kept cells. C runs in train mode on ``[real; x_hat]`` (as the code's single forward) but its BatchNorm running
-  statistics are kept, so they are updated once per iteration, by the C step.
+* R step, on the same batch: ``L_R`` (losses.repair_objective): R's side of Eq. (4) + 30 * L2 on kept cells, and
+  the optional cooperative and cell-statistics terms (config ``objective`` presets). C runs in train mode on
+  ``[real; x_hat]`` (as the code's single forward) but its BatchNorm running statistics are kept, so they are
+  updated once per iteration, by the C step;
+* ``update: sequential``: C steps, then R's gradient is taken against the updated C; ``joint`` (the authors' code):
+  both gradients are taken at the same C and applied together.
 
 Each stage object builds its networks' updates once (``__init__``) and then runs :meth:`step` per batch; the trainer
 (trainer.py) owns everything around it: data, seeding, logging, checkpoints, figures.
@@ -164,25 +167,44 @@ class Stage2:
             corrupt, corrupt_masks, from_history = t.history.mix(
                 x_hat.detach(), mask, torch_generator(t.seed, 2, step, t.rank, TAG_HISTORY))
 
+        joint = t.cfg.method.update == 'joint'
         with phase('stage2: C step'):  # L_C = Eq. (4) for C + Eq. (5): real vs corrupt, and where the artifacts are
             logits, mask_logits = self.c_model(t.memory_format(torch.cat([x_real, corrupt])))
             l_c, parts = discriminator_objective(*halves(logits, b), *halves(mask_logits, b), corrupt_masks,
                                                  w.class_loss_weight, w.mask_loss_weight)
-            out = self.c_update(step, lr, l_c, parts)
+            out = self.c_update.gradients(step, lr, l_c, parts)
+            if not joint:  # sequential: R plays against the updated C
+                self.c_update.apply()
 
-        with phase('stage2: R step'):  # L_R = Eq. (4) for R + L2 on kept cells, against the updated C, same batch
+        with phase('stage2: R step'):  # L_R = Eq. (4) for R + L2 on kept cells, against C (joint: C before its step)
             if self.r_update is not None:
-                with without_grad_for(self.disc), preserved_batchnorm_stats(self.disc), t.autocast():
-                    r_logits, r_mask_logits = self.disc.forward_pretext(t.memory_format(torch.cat([x_real, x_hat])))
-                l_r, parts = repair_objective(*halves(r_logits, b), *halves(r_mask_logits, b), x_hat, x,
-                                              mask if self.source.has_masks else None, w.generator_loss,
-                                              w.adv_loss_weight, w.rec_loss_weight, w.class_loss_weight,
-                                              w.mask_loss_weight)
-                out.update(self.r_update(step, lr * self.r_lr_factor, l_r, parts))
+                out.update(self.r_update.gradients(step, lr * self.r_lr_factor,
+                                                   *self.repair_loss(x_real, x_hat, x, mask, b)))
+                if joint:  # the authors' code: both gradients at the same C, applied together
+                    self.c_update.apply()
+                self.r_update.apply()
+            elif joint:
+                self.c_update.apply()
 
         out.update(self.monitors(logits, mask_logits, corrupt_masks, x_real, x_hat, x, mask))
         out.update({'lr': torch.tensor(lr), 'history_fraction': from_history.float().mean()})
         return out
+
+    def repair_loss(self, x_real, x_hat, x, mask, b):
+        """L_R from C's outputs on [real; x_hat] (C's parameters get no gradient, its BN running statistics are
+        kept); with ``r_real_half_grad: false`` the real half's outputs are detached, so R's gradient comes from
+        the corrupt half alone and not through C's batch statistics."""
+        t, w = self.t, self.w
+        with without_grad_for(self.disc), preserved_batchnorm_stats(self.disc), t.autocast():
+            r_logits, r_mask_logits = self.disc.forward_pretext(t.memory_format(torch.cat([x_real, x_hat])))
+        (real, corrupt), (real_mask, corrupt_mask) = halves(r_logits, b), halves(r_mask_logits, b)
+        if not t.cfg.method.r_real_half_grad:
+            real = real.detach()
+            real_mask = None if real_mask is None else real_mask.detach()
+        coop_class, coop_mask = w.r_coop_weights()
+        return repair_objective(real, corrupt, real_mask, corrupt_mask, x_hat, x,
+                                mask if self.source.has_masks else None, w.generator_loss, w.adv_loss_weight,
+                                w.rec_loss_weight, coop_class, coop_mask, w.r_cell_stats_weight, x_real)
 
     @torch.no_grad()
     def monitors(self, logits, mask_logits, corrupt_masks, x_real, x_hat, x, mask) -> Dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from timm_spot.run_layout import BACKBONE, DISCRIMINATOR, GAN, GENERATOR, RunLay
 
 from . import config as config_lib
 from .allocator import retain_freed_memory
-from .batches import (TAG_FIGURE, TAG_INIT, TAG_TORCH, MapStyleBatches, StreamingBatches, StreamPosition,
+from .batches import (TAG_FIGURE, TAG_INIT, TAG_SHORTCUT, TAG_TORCH, MapStyleBatches, StreamingBatches, StreamPosition,
                       dataset_length, derive_seed, figure_images, map_style_loader, open_source, torch_generator)
 from .checkpoint import (CheckpointError, DiskFullError, _readable_problem, atomic_save_safetensors,
                          atomic_write_text, clean_partial, dir_size, disk_full_message, find_resume_checkpoint,
@@ -41,6 +41,7 @@ from .config import PretrainConfig
 from .figure3 import figure3_rows, make_grid, save_png
 from .gan import DCGANGenerator
 from .history import HistoryBuffer
+from .shortcut import ShortcutMonitor
 from .optim import NetworkUpdate
 from .stages import Stage1, Stage2
 
@@ -139,6 +140,7 @@ class Pretrainer:
         self.generator: Optional[nn.Module] = None
         self.discriminator: Optional[nn.Module] = None
         self.gan: Optional[nn.Module] = None
+        self.shortcut: Optional[ShortcutMonitor] = None
         self.stage_totals: Dict[int, int] = {}
         self.last_checkpoint: Optional[str] = None
         self.pbar = None
@@ -547,7 +549,7 @@ class Pretrainer:
             self.meters.seconds += now - t_mark
             self.pbar.update(1)
             if step % cfg.run.log_every == 0 or step == limit:
-                self.log_metrics(number, step)
+                self.log_metrics(number, step, self.shortcut_record(number, step, limit))
             if cfg.run.figure_every and step % cfg.run.figure_every == 0 and step < limit:
                 self.figure(number, step)
             if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < limit:
@@ -579,7 +581,21 @@ class Pretrainer:
         os.makedirs(path.parent, exist_ok=True)
         atomic_save_safetensors(self.discriminator.backbone_state_dict(), str(path))
 
-    def log_metrics(self, stage: int, step: int) -> None:
+    def shortcut_record(self, stage: int, step: int, limit: int) -> Dict[str, float]:
+        """Stage 2, main process, every ``shortcut_every`` steps and at the end: the shortcut monitor's AUCs."""
+        every = self.cfg.run.shortcut_every
+        if stage != 2 or not self.is_main or not every or self.discriminator is None or \
+                self.cfg.method.generator != 'damage_repair' or not (step % every == 0 or step == limit):
+            return {}
+        if self.shortcut is None:
+            cfg = self.cfg
+            images = figure_images(self.ds, cfg, cfg.run.shortcut_images).to(self.device)
+            masks = sample_drop_mask(images.shape[0], self.grid[0], self.grid[1], cfg.method.theta,
+                                     generator=torch_generator(self.seed, TAG_SHORTCUT)).to(self.device)
+            self.shortcut = ShortcutMonitor(self.memory_format(images), masks)
+        return self.shortcut(self.generator, self.discriminator, self.autocast)
+
+    def log_metrics(self, stage: int, step: int, extra: Optional[Dict[str, float]] = None) -> None:
         m = self.meters
         keys = sorted(m.sums)
         vec = torch.stack([m.sums[k].float() for k in keys]
@@ -598,6 +614,7 @@ class Pretrainer:
         record['img_per_s'] = (m.count * self.batch_size * self.world / m.seconds) if m.seconds > 0 else None
         record['skipped_images'] = int(vec[len(keys) + 2])
         record['skipped_images_interval'] = int(vec[len(keys) + 1])
+        record.update(extra or {})
         record['time'] = time.time()
         m.reset()
         if not self.is_main:
