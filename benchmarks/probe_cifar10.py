@@ -66,7 +66,10 @@ def main(argv=None) -> int:
     p.add_argument('--img-size', type=int, default=64)
     p.add_argument('--epochs', type=int, default=20)
     p.add_argument('--lr', type=float, default=1e-3)
-    p.add_argument('--weight-decay', type=float, default=0.1)
+    p.add_argument('--weight-decay', type=float, default=0.1, help='the probe L2 weight decay for every layer')
+    p.add_argument('--sweep-wd', type=float, nargs='+', default=None, metavar='WD',
+                   help="choose each layer's weight decay among these, on 20 %% of the probe-training rows (first "
+                        "probe seed; later seeds reuse the choice); the held-out rows are never used for it")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--seeds', type=int, nargs='*', default=None,
                    help='probe seeds (the linear classifiers\' init and data order; features are computed once): '
@@ -111,13 +114,16 @@ def main(argv=None) -> int:
             j = i - (len(runs) - len(args.weights))
             name = labels[j] if labels else f'{args.model} ({os.path.basename(w)})'
         t = time.time()
-        results = []
+        results, chosen = [], None
         for seed in seeds:
             res = layerwise_probe(model_name=args.model, weights=w, source=args.data,
                                   train_per_class=args.train_per_class, val_per_class=args.val_per_class,
                                   img_size=args.img_size, crop_pct=1.0, probe=ProbeConfig(
                                       epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=seed),
-                                  cache_dir=cache, seed=args.seed, workers=args.workers, device=args.device)
+                                  cache_dir=cache, seed=args.seed, workers=args.workers, device=args.device,
+                                  weight_decay_grid=args.sweep_wd, weight_decays=chosen)
+            if args.sweep_wd and chosen is None:
+                chosen = {k: v['weight_decay'] for k, v in res.items() if not k.startswith('_')}
             results.append(res)
         rows[name] = mean_sd_rows(results)
         per_seed[name] = [{k: v['top1'] for k, v in r.items() if not k.startswith('_')} for r in results]

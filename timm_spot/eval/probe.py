@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .features import FeatureSet
 
-__all__ = ['ProbeConfig', 'train_linear_probes', 'format_table']
+__all__ = ['ProbeConfig', 'train_linear_probes', 'select_weight_decay', 'train_probes_per_layer_wd', 'format_table']
 
 
 @dataclass
@@ -137,6 +137,55 @@ def train_linear_probes(
     results['_meta'] = dict(config=asdict(cfg), seconds=round(time.time() - t0, 2), n_train=int(n),
                             n_val=int(val.labels.numel()) if val is not None else 0, num_classes=num_classes)
     return results
+
+
+def select_weight_decay(train: FeatureSet, num_classes: int, candidates: Sequence[float],
+                        cfg: ProbeConfig = ProbeConfig(), holdout_fraction: float = 0.2,
+                        device: Union[str, torch.device] = 'cpu') -> Dict[str, dict]:
+    """Each layer's probe weight decay, chosen on the probe-TRAINING rows only: a seeded ``holdout_fraction`` of
+    every class is held back, probes are trained on the rest with each candidate, and the candidate with the best
+    top-1 on the held-back rows wins (ties: the larger decay). The evaluation rows are never touched.
+
+    Returns ``{layer: {'weight_decay': best, 'sweep': {wd: top1 %}}}``.
+    """
+    if not candidates:
+        raise ValueError('select_weight_decay: no candidate weight decays')
+    g = torch.Generator().manual_seed(cfg.seed)
+    labels = train.labels.long()
+    fit, held = [], []
+    for c in labels.unique().tolist():
+        pos = torch.nonzero(labels == c).flatten()
+        pos = pos[torch.randperm(pos.numel(), generator=g)]
+        k = max(1, int(round(holdout_fraction * pos.numel()))) if pos.numel() > 1 else 0
+        held.append(pos[:k])
+        fit.append(pos[k:])
+    fit_set, held_set = train.select(torch.cat(fit).numpy()), train.select(torch.cat(held).numpy())
+    sweep: Dict[str, Dict[float, float]] = {name: {} for name in train.names}
+    for wd in candidates:
+        res = train_linear_probes(fit_set, held_set, num_classes, replace(cfg, weight_decay=float(wd)), device=device)
+        for name in train.names:
+            sweep[name][float(wd)] = res[name]['top1']
+    return {name: {'weight_decay': max(acc, key=lambda w: (acc[w], w)), 'sweep': acc} for name, acc in sweep.items()}
+
+
+def train_probes_per_layer_wd(train: FeatureSet, val: Optional[FeatureSet], num_classes: int,
+                              weight_decays: Dict[str, float], cfg: ProbeConfig = ProbeConfig(),
+                              device: Union[str, torch.device] = 'cpu') -> Dict[str, dict]:
+    """:func:`train_linear_probes` with each layer's own weight decay (layers sharing one are trained together)."""
+    results: Dict[str, dict] = {}
+    meta = None
+    for wd in sorted(set(weight_decays.values())):
+        idx = [i for i, n in enumerate(train.names) if weight_decays[n] == wd]
+        pick = lambda fs: None if fs is None else FeatureSet([fs.names[i] for i in idx],  # noqa: E731
+                                                             [fs.features[i] for i in idx], fs.labels, fs.rows,
+                                                             [fs.grids[i] for i in idx], dict(fs.meta))
+        res = train_linear_probes(pick(train), pick(val), num_classes, replace(cfg, weight_decay=wd), device=device)
+        meta = res.pop('_meta')
+        for name, r in res.items():
+            results[name] = dict(r, weight_decay=wd)
+    ordered = {n: results[n] for n in train.names}
+    ordered['_meta'] = dict(meta, config=dict(meta['config'], weight_decay='per layer'))
+    return ordered
 
 
 def format_table(rows: Dict[str, Dict[str, dict]], layers: Optional[Sequence[str]] = None,

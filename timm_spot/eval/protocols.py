@@ -26,7 +26,7 @@ from .labelled import ImageRows, LabelledData, check_num_classes, collate_skip_n
     source_fingerprint, subset_per_class
 from .features import TARGET_DIM, FeatureSet, TapExtractor, create_backbone, eval_transform, extract_features, \
     load_or_extract, weights_fingerprint
-from .probe import ProbeConfig, train_linear_probes
+from .probe import ProbeConfig, select_weight_decay, train_linear_probes, train_probes_per_layer_wd
 
 __all__ = ['default_cache_dir', 'split_rows', 'prepare_features', 'layerwise_probe', 'load_folds', 'transfer_eval',
            'finetune_once']
@@ -135,8 +135,14 @@ def layerwise_probe(
         data: Optional[LabelledData] = None,
         log: Optional[Callable[[str], None]] = _log_default,
         device: str = 'cpu',
+        weight_decay_grid: Optional[Sequence[float]] = None,
+        weight_decays: Optional[Dict[str, float]] = None,
 ) -> Dict[str, dict]:
-    """Layerwise linear probes of one model; returns ``{layer: {'top1', 'train_top1', 'dim', 'grid'}, '_meta': ...}``."""
+    """Layerwise linear probes of one model; returns ``{layer: {'top1', 'train_top1', 'dim', 'grid'}, '_meta': ...}``.
+
+    The probe's weight decay: ``probe.weight_decay`` for every layer; or each layer's from ``weight_decays``; or
+    chosen per layer from ``weight_decay_grid`` on a split of the probe-training rows (``select_weight_decay``; the
+    sweep is recorded in ``_meta['weight_decay_sweep']``)."""
     t0 = time.time()
     train = data if data is not None else load_labelled(source, split, image_column, label_column, num_classes)
     if num_classes is not None:
@@ -159,7 +165,20 @@ def layerwise_probe(
         log(f'  probing {len(ftrain)} train / {len(fval)} val rows, {train.num_classes} classes, layers ' +
             ', '.join(f'{n} {g[0]}x{g[1]} ({f.shape[1]})' for n, g, f in zip(ftrain.names, ftrain.grids,
                                                                                 ftrain.features)))
-    results = train_linear_probes(ftrain, fval, train.num_classes, probe, log=log, device=device)
+    sweep = None
+    if weight_decays is None and weight_decay_grid:
+        sweep = select_weight_decay(ftrain, train.num_classes, weight_decay_grid, probe, device=device)
+        weight_decays = {name: v['weight_decay'] for name, v in sweep.items()}
+        if log is not None:
+            log('  probe weight decay per layer (chosen on probe-training rows): ' +
+                ', '.join(f'{n} {w:g}' for n, w in weight_decays.items()))
+    if weight_decays is not None:
+        results = train_probes_per_layer_wd(ftrain, fval, train.num_classes, weight_decays, probe, device=device)
+    else:
+        results = train_linear_probes(ftrain, fval, train.num_classes, probe, log=log, device=device)
+    if sweep is not None:
+        results['_meta']['weight_decay_sweep'] = {n: {str(k): v for k, v in d['sweep'].items()}
+                                                  for n, d in sweep.items()}
     results['_meta'].update(
         model=model_name, weights=weights or f'random init (seed {seed})', img_size=img_size,
         seconds_total=round(time.time() - t0, 1), seconds_features=round(t2 - t1, 1),
