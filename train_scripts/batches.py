@@ -57,7 +57,7 @@ def numpy_rng(*parts: int) -> np.random.Generator:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Preprocessing (spec section 2, Preprocessor.py)
+# Preprocessing (docs/method.md, "Preprocessing"; the authors' Preprocessor.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

@@ -62,7 +62,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """The training crop (spec: random resized crop, flip, colour jitter)."""
+    """The training crop (docs/method.md, "Preprocessing": random resized crop, flip, colour jitter)."""
     img_size: int = opt(128, 'training crop size in px (multiple of 16: the drop-mask / conv5 grid is img_size/16)',
                         low=16)
     crop_scale: List[float] = opt([0.333, 1.0], 'random-resized-crop area range (fraction of the image)')

@@ -1,4 +1,5 @@
-"""Every loss term of the recipe (spec sections 4 and 8; code models/AutoEncoder.py, models/SpotNet.py).
+"""Every loss term of the recipe (paper Sec. 4.2-4.4; docs/method.md, "Equations" and "Stage-2 objectives"; the
+authors' code models/AutoEncoder.py, models/SpotNet.py).
 
 Conventions (TF ``tf.losses`` defaults, as the authors' code):
 
