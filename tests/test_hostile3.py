@@ -85,3 +85,79 @@ def test_publish_refuses_a_symlink_out_of_the_folder(tmp_path):
         with pytest.raises(ValueError, match=r'notes\.txt is a symlink'):
             publish_folder(folder, 'someone/alexnet_spot.test', api=api, dry_run=dry_run, log=None)
     assert api.calls == []
+
+
+# ------------------------------------------------------------------------------------------------ 2. export tags
+def _fake_run(tmp_path) -> Path:
+    """The run _hub_folder exports (alexnet_spot only), without exporting it."""
+    _hub_folder(tmp_path)
+    return tmp_path / 'fake-run'
+
+
+@pytest.mark.parametrize('tag', ['../../../x', 'a/b', '..', '.hidden', '-x', 'x' * 120, 'a..b', 'sp ace'])
+def test_export_refuses_a_tag_that_is_not_a_repo_name(tmp_path, capsys, tag):
+    from hub.__main__ import cli
+
+    run = _fake_run(tmp_path)
+    out = tmp_path / 'out'
+    out.mkdir()
+    victim = tmp_path / 'x'
+    victim.mkdir()
+    (victim / 'keep.txt').write_text('mine')
+    before = sorted(p for p in tmp_path.rglob('*'))
+    assert cli(['export', str(run), '--out', str(out), f'--tag={tag}', '--force', '--no-verify']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and '--tag' in err and repr(tag) in err
+    assert sorted(p for p in tmp_path.rglob('*')) == before and (victim / 'keep.txt').read_text() == 'mine'
+
+
+def test_export_refuses_a_folder_that_links_out_of_out(tmp_path, capsys):
+    from hub.__main__ import cli
+
+    run = _fake_run(tmp_path)
+    out = tmp_path / 'out'
+    out.mkdir()
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    (elsewhere / 'keep.txt').write_text('mine')
+    (out / 'alexnet_spot.t1').symlink_to(elsewhere)
+    assert cli(['export', str(run), '--out', str(out), '--tag', 't1', '--force', '--no-verify']) == 2
+    assert 'outside --out' in capsys.readouterr().err
+    assert (elsewhere / 'keep.txt').read_text() == 'mine'
+
+
+def _sha_tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def test_export_without_tag_never_touches_a_shipped_release(tmp_path, monkeypatch, capsys):
+    """Issue 19: `python -m hub export RUN` wrote over hub/<model>.<default tag>/; now it writes a new folder named
+    after the run and the date, and an explicit release tag needs --force. Every file under hub/ keeps its sha256."""
+    import hub.__main__ as hub_cli
+
+    run = _fake_run(tmp_path)
+    hub_copy = tmp_path / 'hub'
+    for folder in hub_cli.HUB_DIR.iterdir():
+        if (folder / 'config.json').is_file():
+            shutil.copytree(folder, hub_copy / folder.name)
+    monkeypatch.setattr(hub_cli, 'HUB_DIR', hub_copy)  # the default --out
+    before = _sha_tree(hub_copy)
+    assert hub_cli.cli(['export', str(run), '--no-verify']) == 0
+    assert 'no --tag given' in capsys.readouterr().out
+    after = _sha_tree(hub_copy)
+    assert {k: after[k] for k in before} == before
+    new = sorted({k.split('/')[0] for k in after} - {k.split('/')[0] for k in before})
+    assert new == [f'alexnet_spot.fake-run_{time.strftime("%Y%m%d")}']
+    # naming a shipped release explicitly: refused without --force
+    assert hub_cli.cli(['export', str(run), '--tag', 'spot_c10_64_v2', '--no-verify']) == 2
+    assert '--force' in capsys.readouterr().err
+    assert {k: _sha_tree(hub_copy)[k] for k in before} == before
+
+
+def test_exported_files_are_world_readable(tmp_path):
+    folder = _hub_folder(tmp_path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for p in folder.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p.name
