@@ -338,6 +338,23 @@ def _is_registered(name: str, tag: str) -> bool:
     return f'{name}.{tag}' in timm.list_models(name, include_tags=True)
 
 
+def check_recorded_sha256(run_dir: PathLike, weights: Path) -> None:
+    """Refuse a run weight file whose sha256 differs from the one the trainer recorded when writing it
+    (weights_sha256.json): a corrupted or modified file must not be published (runs of older versions have no
+    record and are exported as they are)."""
+    record_path = RunLayout(run_dir).weights_sha256
+    if not record_path.is_file():
+        return
+    try:
+        record = json.loads(record_path.read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f'{record_path} is not valid JSON ({e}); restore it from the run') from None
+    want = record.get(weights.name) if isinstance(record, dict) else None
+    if want and sha256_file(weights) != want:
+        raise ValueError(f'{weights} does not match the sha256 recorded when the run wrote it ({record_path.name}): '
+                         f'the file is corrupt or was modified since; export from an intact copy of the run')
+
+
 def _export_model_and_tag(name: str, tag: Optional[str], args: Dict[str, Any], img_size: Optional[int],
                           warns: List[str]):
     """The model to load the run's weights into, built from the tag's cfg, and the tag.
@@ -432,6 +449,7 @@ def export_model(
     src = run.weights_file(name)
     if not src.is_file():
         raise FileNotFoundError(f'{name}: no weights in the run ({src} missing)')
+    check_recorded_sha256(run.path, src)
     if pretext_dtype not in ('auto', 'bfloat16', 'float32'):
         raise ValueError(f"pretext_dtype must be 'auto', 'bfloat16' or 'float32', got {pretext_dtype!r}")
     warns: List[str] = []

@@ -161,3 +161,91 @@ def test_exported_files_are_world_readable(tmp_path):
     os.umask(umask)
     for p in folder.iterdir():
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p.name
+
+
+# ------------------------------------------------------------------------------------------------ 3. run dir lock
+def _hold_lock(out: Path):
+    """A second process holding the run dir's lock (as a running pretraining process does)."""
+    code = ('import sys, time; from train_scripts.checkpoint import RunLock; lock = RunLock(sys.argv[1]); '
+            'print("locked", flush=True); time.sleep(120)')
+    proc = subprocess.Popen([sys.executable, '-c', code, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.stdout.readline().strip() == 'locked'
+    return proc
+
+
+@pytest.mark.parametrize('extra', [[], ['--overwrite'], ['--resume']])
+def test_a_run_dir_in_use_is_refused_naming_the_holder(finished_run, capsys, extra):
+    cfg, out = finished_run
+    before = snapshot(out)
+    holder = _hold_lock(out)
+    try:
+        args = ['--output-dir', str(out)] + (['--config', cfg] if extra != ['--resume'] else []) + extra
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f'pid {holder.pid}' in err and 'in use' in err
+        assert {k: v for k, v in snapshot(out).items() if k != '.lock'} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(['--output-dir', str(out), '--resume']) == 0  # the lock dies with its holder
+    assert not (out / '.lock').exists()
+
+
+def test_a_new_run_dir_in_use_is_refused(tmp_path, capsys):
+    out = tmp_path / 'new'
+    holder = _hold_lock(out)
+    try:
+        assert main(['--config', tiny_config(tmp_path), '--output-dir', str(out)]) == 2
+        assert f'pid {holder.pid}' in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ['.lock']
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ------------------------------------------------------------------------------------------------ 4. model kwargs
+@pytest.mark.parametrize('key,kwargs,bad', [
+    ('discriminator_kwargs', {'head_hidden_size': 64, 'head_hiden_size': 32}, 'head_hiden_size'),
+    ('generator_kwargs', {'widht': 3}, 'widht'),
+])
+def test_unknown_model_kwarg_is_refused_before_anything_is_written(tmp_path, capsys, key, kwargs, bad):
+    out = tmp_path / 'run'
+    cfg = tiny_config(tmp_path, **{key: kwargs})
+    assert main(['--config', cfg, '--output-dir', str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err and repr(bad) in err and 'valid keys' in err
+    assert ('head_hidden_size' if key == 'discriminator_kwargs' else 'stem_width') in err
+    assert not out.exists()
+
+
+def test_model_kwarg_with_a_bad_value_is_refused_up_front(tmp_path, capsys):
+    out = tmp_path / 'run'
+    cfg = tiny_config(tmp_path, generator_kwargs={'fill': 'zeros'})
+    assert main(['--config', cfg, '--output-dir', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert 'generator_kwargs' in err and 'fill' in err and 'Traceback' not in err and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ 7. weight hashes
+def test_run_records_weight_hashes_and_export_refuses_a_changed_file(finished_run, tmp_path, capsys):
+    from hub.__main__ import cli
+
+    _, out = finished_run
+    record = json.loads((out / 'weights_sha256.json').read_text())
+    for name in ('alexnet_spot', 'alexnet_spot_discriminator', 'damage_repair_generator',
+                 'damage_repair_generator_stage1'):
+        data = (out / f'{name}.safetensors').read_bytes()
+        assert record[f'{name}.safetensors'] == hashlib.sha256(data).hexdigest()
+    hub = tmp_path / 'hub'
+    assert cli(['export', str(out), '--out', str(hub), '--models', 'alexnet_spot', '--tag', 't', '--no-verify']) == 0
+    path = out / 'alexnet_spot.safetensors'
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # one flipped bit in a weight
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli(['export', str(out), '--out', str(hub), '--models', 'alexnet_spot', '--tag', 't2',
+                '--no-verify']) == 2
+    err = capsys.readouterr().err
+    assert 'alexnet_spot.safetensors' in err and 'sha256' in err and 'corrupt' in err
+    assert not (hub / 'alexnet_spot.t2').exists()

@@ -315,9 +315,44 @@ class PretrainConfig:
         if not all(0 <= f <= 1 for f in self.run.snapshots):
             raise ConfigError(f'snapshots must be a list of stage-2 fractions in [0, 1], got {self.run.snapshots!r}')
         self.nan_at  # noqa: B018  (parses debug_nan_at: a malformed value is named now, not at that step)
+        self._check_model_kwargs()
+
+    def _check_model_kwargs(self) -> None:
+        """Each extra model kwarg against its constructor's signature, then the model built on the meta device, now:
+        a wrong discriminator_kwargs key used to fail after the whole of stage 1 (raw TypeError), leaving a run that
+        neither resumed nor restarted. Imports the models (torch) only when a config sets extra kwargs."""
+        import importlib
+        import inspect
+        for key, (model, module, cls_name) in _MODEL_CLASSES.items():
+            given = getattr(self.model, key)
+            if not given:
+                continue
+            cls = getattr(importlib.import_module(module), cls_name)
+            params = inspect.signature(cls.__init__).parameters
+            valid = sorted(k for k, p in params.items() if k not in ('self', 'device', 'dtype')
+                           and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+            unknown = [k for k in given if k not in valid]
+            if unknown:
+                raise ConfigError(f'{key}: {unknown[0]!r} is not a constructor argument of {model}; valid keys: '
+                                  f'{", ".join(valid)}')
+            import timm
+            kwargs = self.generator_kwargs() if key == 'generator_kwargs' else self.discriminator_kwargs()
+            try:
+                timm.create_model(model, device='meta', **kwargs)
+            except Exception as e:  # noqa: BLE001  (a value the constructor rejects)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+                raise ConfigError(f'{key} {given!r} do not build {model}: {type(e).__name__}: {first}; fix the '
+                                  f'values') from None
 
 
 # ------------------------------------------------------------------------------------------------ value checks
+# the models whose constructor kwargs a config may extend: config key -> (timm name, module, class)
+_MODEL_CLASSES = {
+    'generator_kwargs': ('damage_repair_generator', 'timm_spot.models.damage_repair_generator',
+                         'DamageRepairGenerator'),
+    'discriminator_kwargs': ('alexnet_spot_discriminator', 'timm_spot.models.alexnet_spot_discriminator',
+                             'AlexNetSpotDiscriminator'),
+}
 _FIELDS: Dict[str, dataclasses.Field] = {f.name: f for _, t in SECTIONS for f in dataclasses.fields(t)}
 _HINTS: Dict[str, Any] = {k: v for _, t in SECTIONS for k, v in typing.get_type_hints(t).items()}
 DEFAULTS: Dict[str, Any] = PretrainConfig().to_flat()

@@ -34,8 +34,8 @@ from . import config as config_lib
 from .allocator import retain_freed_memory
 from .batches import (TAG_FIGURE, TAG_INIT, TAG_TORCH, MapStyleBatches, StreamingBatches, StreamPosition,
                       dataset_length, derive_seed, figure_images, map_style_loader, open_source, torch_generator)
-from .checkpoint import (CheckpointError, DiskFullError, _readable_problem, atomic_save_safetensors,
-                         atomic_write_text, clean_partial, dir_size, disk_full_message, find_resume_checkpoint,
+from .checkpoint import (CheckpointError, DiskFullError, RunLock, RunLockedError, _readable_problem,
+                         atomic_save_safetensors, atomic_write_text, clean_partial, dir_size, disk_full_message, find_resume_checkpoint,
                          is_disk_full, load_frozen, load_process_state, read_latest, read_meta, save_checkpoint)
 from .config import PretrainConfig
 from .figure3 import figure3_rows, make_grid, save_png
@@ -143,6 +143,7 @@ class Pretrainer:
         self.last_checkpoint: Optional[str] = None
         self.pbar = None
         self.set_aside: Optional[str] = None
+        self.lock: Optional[RunLock] = None
 
     # ------------------------------------------------------------------ helpers
     def log_info(self, message: str) -> None:
@@ -202,6 +203,31 @@ class Pretrainer:
                 f'Lower the learning rate or check the data.')
 
     # ------------------------------------------------------------------ setup
+    def acquire_lock(self) -> None:
+        """The run dir's exclusive lock (:class:`RunLock`), taken by the main process; every process raises when it
+        is held by another run."""
+        if self.lock is not None:
+            return
+        error: Optional[BaseException] = None
+        if self.is_main:
+            try:
+                self.lock = RunLock(self.out)
+            except OSError as e:
+                error = e
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+            message = [str(error) if error is not None else None]
+            broadcast_object_list(message)
+            if message[0] is not None and error is None:
+                raise RunLockedError(message[0])
+        if error is not None:
+            raise error
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def _run_outputs(self) -> List[str]:
         """Names of an earlier run's outputs present in the output dir; empty when it holds nothing of value (no
         weights, checkpoints, figures or metric records: a config.yaml alone is that of a run that produced
@@ -226,6 +252,7 @@ class Pretrainer:
         into ``.replaced-*``, and deleted once this run has written its first checkpoint).
         """
         cfg, run = self.cfg, self.cfg.run
+        self.acquire_lock()  # held from before the output check to the end of the run
         resume_path = None
         skipped: List[tuple] = []
         earlier = self._run_outputs()
@@ -389,6 +416,13 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
+        self.acquire_lock()
+        try:
+            return self._run()
+        finally:
+            self.release_lock()
+
+    def _run(self) -> Dict[str, Any]:
         cfg = self.cfg
         self.open_data()  # the data source yields images before the output dir is touched
         resume_path = self.prepare_output()
@@ -656,6 +690,15 @@ class Pretrainer:
         save_png(grid, str(self.layout.figures / f'fig3_stage{stage}_step{step:07d}.png'))
         save_png(grid, str(self.layout.figures / 'fig3_latest.png'))
 
+    def record_weight_hashes(self, paths: List[str]) -> None:
+        """sha256 of each weight file just written, in weights_sha256.json (``hub export`` refuses a file that no
+        longer matches: a flipped bit in a run's weights must not be published)."""
+        from .checkpoint import sha256_file
+        record_path = str(self.layout.weights_sha256)
+        record = _recorded_hashes(record_path)
+        record.update({os.path.basename(p): sha256_file(p) for p in paths})
+        atomic_write_text(record_path, json.dumps(dict(sorted(record.items())), indent=1) + '\n')
+
     def write_weights(self, stage: int) -> None:
         """The models of the run, each loadable with timm.create_model(name, **model_args[name]) (run_layout)."""
         if not self.is_main:
@@ -664,26 +707,42 @@ class Pretrainer:
         model_args: Dict[str, Any] = {}
         if layout.model_args.is_file():
             model_args = json.loads(layout.model_args.read_text(encoding='utf-8'))
+        written: List[str] = []
+
+        def save(state, path) -> None:
+            atomic_save_safetensors(state, str(path))
+            written.append(str(path))
+
         if self.generator is not None:
             state = self.generator.state_dict()
             if stage == 1:
-                atomic_save_safetensors(state, str(layout.generator_stage1))
-            atomic_save_safetensors(state, str(layout.weights(GENERATOR)))
+                save(state, layout.generator_stage1)
+            save(state, layout.weights(GENERATOR))
             model_args[GENERATOR] = cfg.generator_kwargs()
         if stage == 2:
             disc = self.discriminator
-            atomic_save_safetensors(disc.state_dict(), str(layout.weights(DISCRIMINATOR)))
-            atomic_save_safetensors(disc.backbone_state_dict(), str(layout.weights(BACKBONE)))
+            save(disc.state_dict(), layout.weights(DISCRIMINATOR))
+            save(disc.backbone_state_dict(), layout.weights(BACKBONE))
             model_args[DISCRIMINATOR] = cfg.discriminator_kwargs()
             model_args[BACKBONE] = {}
             if self.gan is not None:
-                atomic_save_safetensors(self.gan.state_dict(), str(layout.weights(GAN)))
+                save(self.gan.state_dict(), layout.weights(GAN))
                 model_args[GAN] = cfg.gan_kwargs()
+        self.record_weight_hashes(written)
         model_args['img_size'] = cfg.augment.img_size
         model_args['how_to_load'] = ("timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file="
                                      "'<NAME>.safetensors'), **model_args[NAME]) after `import timm_spot`; "
                                      "dcgan_generator: train_scripts.gan.DCGANGenerator(**args).load_state_dict")
         atomic_write_text(str(layout.model_args), json.dumps(model_args, indent=1))
+
+
+def _recorded_hashes(path: str) -> Dict[str, str]:
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            data = json.load(f)
+        return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def load_stage1_weights(generator, state, path: str = 'the stage-1 file') -> str:
