@@ -249,3 +249,28 @@ def test_run_records_weight_hashes_and_export_refuses_a_changed_file(finished_ru
     err = capsys.readouterr().err
     assert 'alexnet_spot.safetensors' in err and 'sha256' in err and 'corrupt' in err
     assert not (hub / 'alexnet_spot.t2').exists()
+
+
+def test_release_table_hashes_are_those_of_the_shipped_files():
+    from timm_spot.models._releases import RELEASES
+
+    for rel in RELEASES:
+        data = (REPO / 'hub' / rel.name / 'model.safetensors').read_bytes()
+        assert rel.sha256 == hashlib.sha256(data).hexdigest(), rel.name
+
+
+def test_loading_a_release_whose_cached_file_changed_is_refused(tmp_path, monkeypatch):
+    from hub.cache import build_offline_cache
+    from test_hub_offline import use_cache
+
+    name = 'alexnet_spot.spot_c10_64'
+    cache = tmp_path / 'hf' / 'hub'
+    build_offline_cache(REPO / 'hub' / name, f'timm-spot/{name}', cache, link='copy')
+    use_cache(monkeypatch, cache)
+    timm.create_model(name, pretrained=True)  # intact: loads
+    (cached,) = [p for p in cache.rglob('model.safetensors') if not p.is_symlink()]
+    data = bytearray(cached.read_bytes())
+    data[-100] ^= 0x01
+    cached.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match='does not match the sha256 of the release'):
+        timm.create_model(name, pretrained=True)
