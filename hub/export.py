@@ -173,6 +173,7 @@ class RunInfo:
     img_size: Optional[int]
     data_source: Optional[str]
     metrics: Dict[str, Any] = field(default_factory=dict)
+    config_changes: List[Dict[str, Any]] = field(default_factory=list)  # config_history.jsonl: keys a resume changed
 
     def weights_file(self, name: str) -> Path:
         return RunLayout(self.path).weights(name)
@@ -256,7 +257,25 @@ def load_run(run_dir: PathLike) -> RunInfo:
         img_size=img_size,
         data_source=data_source,
         metrics=_summarize_metrics(layout.metrics),
+        config_changes=_read_config_history(layout.config_history),
     )
+
+
+def _read_config_history(path: Path) -> List[Dict[str, Any]]:
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding='utf-8').splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and 'key' in rec:
+                out.append(rec)
+    return out
+
+
+def describe_config_change(r: Dict[str, Any]) -> str:
+    return f"{r['key']}: {r.get('old')!r} until stage {r.get('stage')} step {r.get('step')}, then {r.get('new')!r}"
 
 
 def _jsonable(v: Any) -> Any:
@@ -507,6 +526,13 @@ def export_model(
             import yaml
             config_text = config_text.replace(str(run.data_source), str(data_source))
             config_sha = canonical_config_hash(yaml.safe_load(config_text))
+    if run.config_changes:  # the training config held other values before a --resume: say so where it is shipped
+        if config_text is not None and 'config_history.jsonl' not in config_text:
+            config_text = ('# resumed with changed keys (config_history.jsonl of the run); the values below hold '
+                           'from that point on:\n' + ''.join(f'#   {describe_config_change(r)}\n'
+                                                            for r in run.config_changes) + config_text)
+        warns.append('the training config changed on --resume (training_config.yaml holds the last values): '
+                     + '; '.join(describe_config_change(r) for r in run.config_changes))
     if tag.endswith('in1k') and not looks_like_imagenet_1k(data_source):
         warns.append(f'training data of the run is {data_source or "not recorded in config.yaml"!s}: '
                      f'these are not ImageNet-1k weights, do not publish them as {repo_id}')

@@ -274,3 +274,31 @@ def test_loading_a_release_whose_cached_file_changed_is_refused(tmp_path, monkey
     cached.write_bytes(bytes(data))
     with pytest.raises(RuntimeError, match='does not match the sha256 of the release'):
         timm.create_model(name, pretrained=True)
+
+
+# ------------------------------------------------------------------------------------------------ 5. resume changes
+def test_resume_with_a_changed_lr_says_so_and_records_it(tmp_path, capsys):
+    from hub.__main__ import cli
+
+    out = tmp_path / 'run'
+    cfg = tiny_config(tmp_path, stage2_steps=2)
+    assert main(['--config', cfg, '--output-dir', str(out), '--max-steps', '1']) == 0
+    capsys.readouterr()
+    assert main(['--output-dir', str(out), '--resume', '--set', 'lr=0.001', '--stage2-steps', '3']) == 0
+    text = capsys.readouterr().out
+    assert "lr changes from 0.0003 to 0.001 at stage 2 step 1" in text
+    assert 'stage2_steps changes from 2 to 3 at stage 2 step 1' in text
+    history = [json.loads(line) for line in (out / 'config_history.jsonl').read_text().splitlines()]
+    assert {'stage': 2, 'step': 1, 'key': 'lr', 'old': 0.0003, 'new': 0.001} in history
+    assert {'stage': 2, 'step': 1, 'key': 'stage2_steps', 'old': 2, 'new': 3} in history
+    saved = (out / 'config.yaml').read_text()
+    assert "lr: 0.0003 until stage 2 step 1, then 0.001" in saved  # not as if 0.001 held for the whole run
+    assert yaml.safe_load(saved)['lr'] == 0.001
+    # a plain resume afterwards changes nothing more
+    assert main(['--output-dir', str(out), '--resume']) == 0
+    assert len((out / 'config_history.jsonl').read_text().splitlines()) == 2
+    hub = tmp_path / 'hub'
+    assert cli(['export', str(out), '--out', str(hub), '--models', 'alexnet_spot', '--tag', 't', '--no-verify']) == 0
+    shipped = (hub / 'alexnet_spot.t' / 'training_config.yaml').read_text()
+    assert "lr: 0.0003 until stage 2 step 1, then 0.001" in shipped
+    assert 'changed on --resume' in (hub / 'alexnet_spot.t' / 'README.md').read_text()

@@ -288,7 +288,8 @@ class Pretrainer:
             os.makedirs(self.ckpt_root, exist_ok=True)
             clean_partial(self.ckpt_root)
             saved = cfg.replace(overwrite=False, resume=None)  # a copied config.yaml must not replace runs elsewhere
-            atomic_write_text(str(self.layout.config), config_lib.dump_yaml(saved))
+            history = self.record_config_changes(resume_path, saved) if resume_path is not None else []
+            atomic_write_text(str(self.layout.config), config_history_header(history) + config_lib.dump_yaml(saved))
             if resume_path is None:
                 atomic_write_text(str(self.layout.metrics), '')
             else:
@@ -296,6 +297,36 @@ class Pretrainer:
                 self._truncate_metrics(str(self.layout.metrics), int(meta['stage']), int(meta['step']))
         self.accelerator.wait_for_everyone()
         return resume_path
+
+    def record_config_changes(self, resume_path: str, new_cfg: PretrainConfig) -> List[Dict[str, Any]]:
+        """Keys a --resume changed (lr, stage2_steps, ...: the shape keys are refused earlier): one line each, and
+        ``{stage, step, key, old, new}`` appended to config_history.jsonl (records after the resumed checkpoint,
+        from a killed later attempt, are dropped). Returns the run's whole history, for config.yaml's header."""
+        import yaml
+        meta = read_meta(resume_path)
+        at = (int(meta['stage']), int(meta['step']))
+        history = [r for r in read_config_history(str(self.layout.config_history))
+                   if (r.get('stage', 0), r.get('step', 0)) <= at]
+        old: Dict[str, Any] = {}
+        try:
+            loaded = yaml.safe_load(self.layout.config.read_text(encoding='utf-8'))
+            if isinstance(loaded, dict):
+                base = dict(config_lib.DEFAULTS)
+                base.update({k: v for k, v in loaded.items() if k in base})
+                old = config_lib.PretrainConfig.from_flat(base).to_flat()
+        except (OSError, ValueError, yaml.YAMLError):
+            old = {}
+        new = new_cfg.to_flat()
+        for key in new:
+            if key in config_lib.RUNTIME_KEYS or key not in old or old[key] == new[key]:
+                continue
+            history.append({'stage': at[0], 'step': at[1], 'key': key, 'old': old[key], 'new': new[key]})
+            self.log_info(f'--resume: {key} changes from {old[key]!r} to {new[key]!r} at stage {at[0]} step {at[1]} '
+                          f'(recorded in {self.layout.config_history.name}; config.yaml holds the new value)')
+        atomic_write_text(str(self.layout.config_history), ''.join(json.dumps(r) + '\n' for r in history))
+        if not history:
+            os.remove(self.layout.config_history)
+        return history
 
     def _check_stage1_file(self, path: str) -> None:
         """The stage-1 generator a stage-2-only run starts from: present, intact, E/D shapes of this config."""
@@ -734,6 +765,32 @@ class Pretrainer:
                                      "'<NAME>.safetensors'), **model_args[NAME]) after `import timm_spot`; "
                                      "dcgan_generator: train_scripts.gan.DCGANGenerator(**args).load_state_dict")
         atomic_write_text(str(layout.model_args), json.dumps(model_args, indent=1))
+
+
+def read_config_history(path: str) -> List[Dict[str, Any]]:
+    """The records of config_history.jsonl (unreadable lines skipped; none when the file is missing)."""
+    out: List[Dict[str, Any]] = []
+    if os.path.isfile(path):
+        with open(path, 'r', encoding='utf-8') as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict):
+                    out.append(rec)
+    return out
+
+
+def config_history_header(history: List[Dict[str, Any]]) -> str:
+    """YAML comment lines for config.yaml saying which keys held other values before a --resume (config.yaml
+    holds the latest values; it must not read as if they held for the whole run)."""
+    if not history:
+        return ''
+    lines = ['# resumed with changed keys (config_history.jsonl); the values below hold from that point on:']
+    lines += [f"#   {r['key']}: {r['old']!r} until stage {r['stage']} step {r['step']}, then {r['new']!r}"
+              for r in history]
+    return '\n'.join(lines) + '\n'
 
 
 def _recorded_hashes(path: str) -> Dict[str, str]:
