@@ -302,3 +302,23 @@ def test_resume_with_a_changed_lr_says_so_and_records_it(tmp_path, capsys):
     shipped = (hub / 'alexnet_spot.t' / 'training_config.yaml').read_text()
     assert "lr: 0.0003 until stage 2 step 1, then 0.001" in shipped
     assert 'changed on --resume' in (hub / 'alexnet_spot.t' / 'README.md').read_text()
+
+
+# ------------------------------------------------------------------------------------------------ 6. probe labels
+def test_probe_refuses_a_stray_huge_label(tmp_path, capsys):
+    import datasets
+
+    from test_faults import _png
+    from timm_spot.cli import main as cli
+    from timm_spot.eval.labelled import load_labelled
+
+    path = tmp_path / 'stray.parquet'
+    labels = [0, 1, 2, 3] * 3 + [1_000_000]
+    datasets.Dataset.from_dict({'image': [_png()] * len(labels), 'label': labels}).to_parquet(str(path))
+    with pytest.raises(ValueError, match=r'label 1000000 \(row 12\) far outside the 5 distinct labels'):
+        load_labelled(str(path))
+    assert cli(['probe', '--data', str(path), '--no-cache', '--epochs', '1']) == 2
+    assert 'label 1000000' in capsys.readouterr().err
+    # a subset of a many-class dataset with gaps still loads
+    datasets.Dataset.from_dict({'image': [_png()] * 3, 'label': [0, 50, 99]}).to_parquet(str(path))
+    assert load_labelled(str(path)).num_classes == 100
