@@ -322,3 +322,161 @@ def test_probe_refuses_a_stray_huge_label(tmp_path, capsys):
     # a subset of a many-class dataset with gaps still loads
     datasets.Dataset.from_dict({'image': [_png()] * 3, 'label': [0, 50, 99]}).to_parquet(str(path))
     assert load_labelled(str(path)).num_classes == 100
+
+
+# ------------------------------------------------------------------------------------------------ 8, 9. one line each
+def _one_line(err: str) -> str:
+    import re
+    lines = [l for l in err.strip().splitlines() if l.strip() and not re.search(r'\[\d\d:\d\d', l)]  # no tqdm
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    return lines[0]
+
+
+def _empty_parquet(path: Path) -> str:
+    import datasets
+
+    feats = datasets.Features({'image': datasets.Image(decode=False), 'label': datasets.Value('int64')})
+    datasets.Dataset.from_dict({'image': [], 'label': []}, features=feats).to_parquet(str(path))
+    return str(path)
+
+
+def test_empty_parquet_is_named_in_pretraining_and_probe(tmp_path, capsys):
+    from timm_spot.cli import main as cli
+
+    data = _empty_parquet(tmp_path / 'empty.parquet')
+    assert main(['--config', tiny_config(tmp_path), '--output-dir', str(tmp_path / 'o'), '--data', data]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert 'empty.parquet' in line and 'no rows' in line
+    assert cli(['probe', '--data', data, '--no-cache']) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert 'empty.parquet' in line and 'no rows' in line
+    assert not (tmp_path / 'o').exists()
+
+
+def test_hub_dataset_id_offline_is_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', PYTHONPATH=str(REPO),
+               HF_HOME=str(tmp_path / 'hf'))
+    proc = subprocess.run([sys.executable, 'train_scripts/pretrain.py', '--config', tiny_config(tmp_path),
+                           '--output-dir', str(tmp_path / 'o'), '--data', 'someone/no-such-dataset'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = _one_line(proc.stderr)
+    assert 'someone/no-such-dataset' in line and 'cannot reach the Hugging Face Hub' in line
+
+
+def test_output_dir_that_is_a_file_or_read_only(tmp_path, monkeypatch, capsys):
+    target = tmp_path / 'afile'
+    target.write_text('mine')
+    assert main(['--config', tiny_config(tmp_path), '--output-dir', str(target)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert 'is a file' in line and '--output-dir' in line and target.read_text() == 'mine'
+
+    import errno
+    real = os.makedirs
+    out = tmp_path / 'ro' / 'run'
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(tmp_path / 'ro')):
+            raise PermissionError(errno.EACCES, 'Permission denied', str(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, 'makedirs', read_only)
+    assert main(['--config', tiny_config(tmp_path), '--output-dir', str(out)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert 'cannot write to --output-dir' in line and 'writable' in line
+
+
+@pytest.mark.parametrize('argv', [['--img-size', '8192'], ['--set', 'img_size=8192']])
+def test_huge_img_size_is_refused_before_allocation(tmp_path, capsys, argv):
+    assert main(['--config', tiny_config(tmp_path), '--output-dir', str(tmp_path / 'o')] + argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert 'img_size' in line and '1024' in line and '8192' in line
+
+
+@pytest.mark.parametrize('command', ['probe', 'spot'])
+@pytest.mark.parametrize('size', ['0', '-16', '8192'])
+def test_cli_img_size_out_of_range_is_one_line(tmp_path, capsys, command, size):
+    from timm_spot.cli import main as cli
+
+    args = ['probe', '--data', 'builtin'] if command == 'probe' else ['spot', str(tmp_path / 'x.png')]
+    assert cli(args + [f'--img-size={size}']) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert '--img-size' in line and size in line
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    from train_scripts import trainer
+
+    real = trainer.Pretrainer.run_stage
+
+    def interrupted(self, number, resume_path):
+        if number == 2:
+            raise KeyboardInterrupt
+        return real(self, number, resume_path)
+    monkeypatch.setattr(trainer.Pretrainer, 'run_stage', interrupted)
+    out = tmp_path / 'run'
+    cfg = tiny_config(tmp_path)
+    assert main(['--config', cfg, '--output-dir', str(out), '--seed', '3']) == 130
+    line = _one_line(capsys.readouterr().err)
+    expected = f'python train_scripts/pretrain.py --config {cfg} --output-dir {out} --seed 3 --resume'
+    assert 'stage1_step0000001' in line and line.endswith(expected)
+    monkeypatch.setattr(trainer.Pretrainer, 'run_stage', real)
+    assert main(expected.split()[2:]) == 0  # the printed command works
+    assert not (out / '.lock').exists()
+
+
+def test_resume_advice_names_only_what_the_user_gave(finished_run, tmp_path, capsys):
+    _, out = finished_run
+    other = tmp_path / 'other.yaml'
+    other.write_text('img_size: 64\n')
+    assert main(['--config', str(other), '--output-dir', str(out), '--resume']) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f'drop img_size in {other}' in line and 'the option' not in line
+    assert main(['--output-dir', str(out), '--resume', '--img-size', '64']) == 2
+    assert 'drop --img-size 64' in capsys.readouterr().err
+
+
+def test_failed_overwrite_says_where_the_earlier_run_is(finished_run, monkeypatch, capsys):
+    from train_scripts import trainer
+
+    cfg, out = finished_run
+
+    def boom(self, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer.Pretrainer, 'run_stage', boom)
+    assert main(['--config', cfg, '--output-dir', str(out), '--overwrite']) == 130
+    err = capsys.readouterr().err
+    (aside,) = [p for p in out.iterdir() if p.name.startswith('.replaced-')]
+    assert f'kept in {aside}' in err and 'interrupted' in err
+
+
+def test_export_input_problems_are_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import safetensors.torch
+
+    from hub.__main__ import cli
+
+    run = _fake_run(tmp_path)
+    hub = tmp_path / 'out'
+    args = ['export', str(run), '--out', str(hub), '--tag', 't', '--no-verify']
+    assert cli(args) == 0
+    before = snapshot(hub / 'alexnet_spot.t')
+    capsys.readouterr()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(safetensors.torch, 'save_file', full)
+    assert cli(args) == 4
+    assert 'no space left' in _one_line(capsys.readouterr().err)
+    monkeypatch.undo()
+    assert snapshot(hub / 'alexnet_spot.t') == before and sorted(p.name for p in hub.iterdir()) == ['alexnet_spot.t']
+
+    good = (run / 'config.yaml').read_text()
+    (run / 'config.yaml').write_text('img_size: [64\n')
+    assert cli(args) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert 'config.yaml' in line and 'not valid YAML' in line and 'line' in line
+    (run / 'config.yaml').write_text(good)
+    (run / 'model_args.json').write_text('{garbage')
+    assert cli(args) == 2
+    assert 'model_args.json' in _one_line(capsys.readouterr().err)

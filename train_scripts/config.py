@@ -23,6 +23,9 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 DEMO_CONFIG = os.path.join(CONFIG_DIR, 'demo.yaml')
 
 
+MAX_IMG_SIZE = 1024  # largest training / evaluation input size accepted (checked before anything is allocated)
+
+
 class ConfigError(ValueError):
     """A bad configuration value or key (the message names it)."""
 
@@ -63,8 +66,9 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     """The training crop (spec: random resized crop, flip, colour jitter)."""
-    img_size: int = opt(128, 'training crop size in px (multiple of 16: the drop-mask / conv5 grid is img_size/16)',
-                        low=16)
+    img_size: int = opt(128, 'training crop size in px (multiple of 16: the drop-mask / conv5 grid is img_size/16; '
+                             f'at most {MAX_IMG_SIZE}, beyond which the networks and figures need tens of GB)',
+                        low=16, high=MAX_IMG_SIZE)
     crop_scale: List[float] = opt([0.333, 1.0], 'random-resized-crop area range (fraction of the image)')
     crop_ratio: List[float] = opt([0.75, 1.33], 'random-resized-crop aspect-ratio range')
     interpolation: str = opt('random', "resize: 'random' (bilinear or bicubic at random, as the code), 'bilinear', "
@@ -550,9 +554,18 @@ def resume_fingerprint(cfg: PretrainConfig) -> Dict[str, Any]:
     return out
 
 
-def check_resume_compatible(saved: Dict[str, Any], cfg: PretrainConfig, where: str) -> None:
-    """Raise ConfigError naming the first key whose value differs from the resumed run's (flat ``saved``)."""
+def check_resume_compatible(saved: Dict[str, Any], cfg: PretrainConfig, where: str,
+                            origins: Optional[Dict[str, str]] = None) -> None:
+    """Raise ConfigError naming the first key whose value differs from the resumed run's (flat ``saved``).
+    ``origins``: how the user set each key (``--img-size 64``, ``img_size in my.yaml``): the advice names that, and
+    no option the user did not pass."""
     flat = cfg.to_flat()
+    origins = origins or {}
+
+    def undo(key: str, old: Any) -> str:
+        if key in origins:
+            return f'drop {origins[key]} to continue with {old!r}'
+        return f'set {key} back to {old!r} to continue'
     for key in RESUME_FIXED_KEYS:
         if key not in saved:
             continue
@@ -561,8 +574,8 @@ def check_resume_compatible(saved: Dict[str, Any], cfg: PretrainConfig, where: s
         if old != new:
             raise ConfigError(
                 f'--resume: {key} is {new!r} but the run being resumed ({where}) used {old!r}; {key} fixes the shape of '
-                f'the checkpoint (or the data position), so it cannot change mid-run: drop the option to continue '
-                f'with {old!r}, or start a new run in another --output-dir')
+                f'the checkpoint (or the data position), so it cannot change mid-run: {undo(key, old)}, or start a '
+                f'new run in another --output-dir')
     if 'mask_loss_weight' in saved:
         old, new = float(saved['mask_loss_weight']) > 0, flat['mask_loss_weight'] > 0
         if old != new:

@@ -450,6 +450,11 @@ class Pretrainer:
         self.acquire_lock()
         try:
             return self._run()
+        except BaseException:
+            if self.set_aside and os.path.isdir(self.set_aside):  # --overwrite failed before its first checkpoint
+                print(f'note: the earlier run this --overwrite replaces is kept in {self.set_aside}: move its files '
+                      f'back into {self.out} to restore it, or delete the folder', file=sys.stderr, flush=True)
+            raise
         finally:
             self.release_lock()
 
@@ -737,7 +742,12 @@ class Pretrainer:
         layout, cfg = self.layout, self.cfg
         model_args: Dict[str, Any] = {}
         if layout.model_args.is_file():
-            model_args = json.loads(layout.model_args.read_text(encoding='utf-8'))
+            try:
+                model_args = json.loads(layout.model_args.read_text(encoding='utf-8'))
+            except (ValueError, UnicodeDecodeError) as e:  # rewritten below from this run's config
+                self.log_info(f'warning: {layout.model_args} is not valid JSON ({e}); rewriting it from the config')
+            if not isinstance(model_args, dict):
+                model_args = {}
         written: List[str] = []
 
         def save(state, path) -> None:
