@@ -480,3 +480,14 @@ def test_export_input_problems_are_one_line(tmp_path, monkeypatch, capsys):
     (run / 'model_args.json').write_text('{garbage')
     assert cli(args) == 2
     assert 'model_args.json' in _one_line(capsys.readouterr().err)
+
+
+def test_local_dir_with_another_architecture_in_config_names_both(tmp_path):
+    folder = tmp_path / 'ld'
+    shutil.copytree(REPO / 'hub' / 'alexnet_spot.spot_c10_64', folder)
+    config = json.loads((folder / 'config.json').read_text())
+    config['architecture'] = 'damage_repair_generator'
+    (folder / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="config.json names architecture 'damage_repair_generator' but "
+                                           "model.safetensors holds 'alexnet_spot' weights"):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)

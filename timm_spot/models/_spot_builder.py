@@ -123,6 +123,25 @@ def offline_routes(model: str, tag: Optional[str], hub_id: Optional[str] = None)
         f"timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors')).")
 
 
+def _check_local_dir_architecture(variant: str, folder: Any) -> None:
+    """A ``local-dir:`` folder whose config.json names another architecture than its weights (safetensors
+    metadata written by ``python -m hub export``) fails deep inside timm with an unrelated AttributeError: name both."""
+    import json
+    import os
+    import struct
+    path = os.path.join(str(folder), 'model.safetensors')
+    try:
+        with open(path, 'rb') as f:
+            (n,) = struct.unpack('<Q', f.read(8))
+            meta = json.loads(f.read(min(n, 100 << 20)).decode('utf-8')).get('__metadata__') or {}
+    except (OSError, ValueError, struct.error):
+        return  # timm's own loading names a missing or unreadable file
+    arch = meta.get('architecture')
+    if arch and arch != variant:
+        raise RuntimeError(f'local folder {folder}: config.json names architecture {variant!r} but model.safetensors '
+                           f'holds {arch!r} weights; fix "architecture" in config.json (or load the {variant} folder)')
+
+
 def _check_source(variant: str, kwargs: dict) -> Tuple[str, Any]:
     """(load_from, location) timm will use; raises early for no weights, or an uncached repo while offline."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
@@ -139,6 +158,8 @@ def _check_source(variant: str, kwargs: dict) -> Tuple[str, Any]:
             + '. Train them with train_scripts/pretrain.py and load the run\'s file with '
               f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='"
               f"{variant}.safetensors')), or pass pretrained=False for random init.")
+    if load_from == 'local-dir':
+        _check_local_dir_architecture(variant, loc)
     if load_from == 'hf-hub':
         hub_id = loc[0] if isinstance(loc, tuple) else loc
         if not _in_hf_cache(hub_id):
