@@ -11,7 +11,7 @@ One place for the names, so the trainer and the exporter cannot drift apart::
     metrics.jsonl                              one JSON record per log step
     weights_sha256.json                        sha256 of each weight file as the run wrote it (export checks it)
     config_history.jsonl                       config keys changed on --resume: {stage, step, key, old, new}
-    .lock                                      held (flock) by the process running in the dir
+    .lock                                      held (fcntl.lockf) by the process running in the dir
     figures/ checkpoints/ snapshots/ debug/ tensorboard/
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ class RunLayout:
 
     @property
     def lock(self) -> Path:
-        """The lock file a pretraining process holds (fcntl.flock) while it runs in the dir; holds its pid."""
+        """The lock file a pretraining process holds (fcntl.lockf) while it runs in the dir; holds its pid."""
         return self.root / '.lock'
 
     @property

@@ -41,10 +41,11 @@ class RunLockedError(FileExistsError):
 
 
 class RunLock:
-    """Exclusive ``fcntl.flock`` on ``<run dir>/.lock`` (the file holds the holder's pid), taken before the output
-    dir is checked and held to the end of the run: two processes in one --output-dir would interleave metrics.jsonl
-    and overwrite each other's weights, and a concurrent --overwrite would move a live run aside. The kernel drops
-    the lock when the process dies, so a killed run never leaves a stale lock.
+    """Exclusive lock (``fcntl.lockf``) on ``<run dir>/.lock`` (the file holds the holder's pid), taken before the
+    output dir is checked and held to the end of the run: two processes in one --output-dir would interleave
+    metrics.jsonl and overwrite each other's weights, and a concurrent --overwrite would move a live run aside. The
+    kernel drops the lock when the process dies, so a killed run never leaves a stale lock. A POSIX lock, not
+    ``flock``: forked DataLoader workers do not inherit it, so workers orphaned by a SIGKILL do not keep it.
 
     A run dir that does not exist yet is created to hold the lock; :meth:`release` removes the lock file, and the
     dir again when it is still empty (a run refused before writing anything leaves nothing behind).
@@ -62,8 +63,10 @@ class RunLock:
             while True:
                 f = open(self.path, 'a+', encoding='utf-8')
                 try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                    fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
                     f.seek(0)
                     holder = f.read().strip() or 'unknown'
                     f.close()
