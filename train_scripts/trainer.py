@@ -144,6 +144,7 @@ class Pretrainer:
         self.pbar = None
         self.set_aside: Optional[str] = None
         self.lock: Optional[RunLock] = None
+        self.lock_taken = False
 
     # ------------------------------------------------------------------ helpers
     def log_info(self, message: str) -> None:
@@ -206,7 +207,7 @@ class Pretrainer:
     def acquire_lock(self) -> None:
         """The run dir's exclusive lock (:class:`RunLock`), taken by the main process; every process raises when it
         is held by another run."""
-        if self.lock is not None:
+        if self.lock_taken:  # every rank, not only the holder: the broadcast below must pair up across ranks
             return
         error: Optional[BaseException] = None
         if self.is_main:
@@ -222,11 +223,13 @@ class Pretrainer:
                 raise RunLockedError(message[0])
         if error is not None:
             raise error
+        self.lock_taken = True
 
     def release_lock(self) -> None:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        self.lock_taken = False
 
     def _run_outputs(self) -> List[str]:
         """Names of an earlier run's outputs present in the output dir; empty when it holds nothing of value (no
