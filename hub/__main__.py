@@ -27,10 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='input size recorded in config.json (default: found in config.yaml, else the registry cfg)')
     e.add_argument('--dataset', action='append', default=None,
                    help='Hub dataset id for the card front matter (repeatable; default from config.yaml)')
-    e.add_argument('--force', action='store_true', help='replace output folders holding foreign files')
+    e.add_argument('--force', action='store_true',
+                   help='replace output folders holding foreign files, or a shipped release folder')
     e.add_argument('--tag', default=None,
                    help='release tag, e.g. spot_c10_64_v2: writes <out>/<model>.<tag>/ for repo timm-spot/<model>.<tag> '
-                        "(default: each model's default release in timm_spot/models/_releases.py)")
+                        '(default: a new tag <run dir name>_<YYYYMMDD>, so a shipped release is never replaced; a '
+                        'tag of timm_spot/models/_releases.py whose folder exists needs --force)')
     e.add_argument('--pretext-dtype', choices=('auto', 'bfloat16', 'float32'), default='auto',
                    help='storage of the discriminator and generator: auto (default) = bfloat16 where the outputs '
                         'stay within hub.export.BF16_TOLERANCE of float32, else float32; the backbone is always '
@@ -121,13 +123,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 2
 
 
-def cli() -> int:
-    """``main`` with expected failures printed as one line (tracebacks only for bugs)."""
+def cli(argv: Optional[List[str]] = None) -> int:
+    """``main`` with expected failures printed as one line (tracebacks only for bugs): exit code 2 for an input
+    mistake (a bad tag, file or folder), 4 for a full disk, 1 for other refusals (network, publish advice)."""
     try:
-        return main()
-    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+        return main(argv)
+    except KeyboardInterrupt:
+        print('error: interrupted; an export is replaced by rename, so every folder under --out is either the old or '
+              'the new one (a .<name>.export-tmp folder left behind can be deleted)', file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        from train_scripts.checkpoint import is_disk_full
+        if is_disk_full(e):
+            print(f'error: no space left on the device ({type(e).__name__}: {_first_line(e)}); nothing was replaced '
+                  f'(a folder is swapped in only when complete): free disk space and run the command again',
+                  file=sys.stderr)
+            return 4
+        if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                          PermissionError)):
+            print(f'error: {e}', file=sys.stderr)
+            return 2
+        if isinstance(e, RuntimeError):
+            print(f'error: {e}', file=sys.stderr)
+            return 1
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == '__main__':

@@ -71,6 +71,14 @@ def describe_files(folder: PathLike) -> List[Dict[str, object]]:
     ]
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask, usually 0o644): what a temporary file renamed
+    into place must get instead of mkstemp's private 0o600, so published files are readable by others."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def human_size(n: int) -> str:
     for unit in ('B', 'KiB', 'MiB', 'GiB'):
         if n < 1024 or unit == 'GiB':
@@ -125,6 +133,7 @@ def canonicalize_safetensors(path: PathLike) -> None:
             out.write(text)
             src.seek(8 + n)
             shutil.copyfileobj(src, out, _CHUNK)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -34,8 +34,10 @@ import inspect
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -70,6 +72,11 @@ _NOT_MODEL_ARGS = {'pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'ch
                    'features_only', 'out_indices', 'feature_cls', 'device', 'dtype', 'scriptable', 'exportable',
                    'no_jit', 'pretrained_model_args'}
 
+# a tag names a folder under --out and the Hub repo timm-spot/<model>.<tag>: the Hub's repo-name characters only
+# (no path separators, no '..'), so it can never point out of --out
+_TAG_RE = re.compile(r'^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$')
+MAX_REPO_NAME = 96  # the Hub's limit on a repo name (<model>.<tag>)
+
 _IMG_SIZE_KEYS = ('img_size', 'image_size', 'input_size', 'crop_size', 'resolution')
 _DATA_KEYS = ('train_source', 'data_source', 'source', 'dataset', 'data', 'train_data', 'train_dataset')
 _RUN_NAME_KEYS = ('run_name', 'experiment', 'name')
@@ -80,6 +87,38 @@ def looks_like_imagenet_1k(source: Optional[str]) -> bool:
     s = str(source or '').lower()
     other = ('21k', '22k', 'imagenet-r', 'imagenet-a', 'imagenet-o', 'imagenet-sketch', 'imagenet-v2', 'imagenetv2')
     return ('imagenet' in s or 'ilsvrc' in s or 'in1k' in s) and not any(t in s for t in other)
+
+
+def check_tag(tag: str, name: Optional[str] = None) -> str:
+    """``tag`` if it is a valid Hub repo-name part, else ValueError naming it: it becomes a folder name under
+    ``--out``, so ``../x`` or ``a/b`` would write (and with --force delete) outside it."""
+    if not isinstance(tag, str) or not _TAG_RE.match(tag) or '..' in tag or '--' in tag:
+        raise ValueError(f'--tag {tag!r} is not a valid release tag: use letters, digits, ".", "_" and "-" only '
+                         f'(not first or last, no ".." or "--"), e.g. spot_c10_64_v2')
+    if name is not None and len(f'{name}.{tag}') > MAX_REPO_NAME:
+        raise ValueError(f'--tag {tag!r} is too long: the repo name {name}.{tag} has {len(name) + 1 + len(tag)} '
+                         f'characters, the Hub allows {MAX_REPO_NAME}; choose a shorter tag')
+    return tag
+
+
+def default_tag(run_dir: PathLike) -> str:
+    """The tag of an export without ``--tag``: ``<run dir name>_<YYYYMMDD>``, never a shipped release's tag (an
+    export without --tag must not replace the weights under hub/)."""
+    base = re.sub(r'[^A-Za-z0-9._-]+', '-', Path(run_dir).resolve().name)
+    base = re.sub(r'([._-])[._-]+', r'\1', base).strip('._-')[:48].strip('._-') or 'run'
+    return f'{base}_{time.strftime("%Y%m%d")}'
+
+
+def target_folder(out_dir: PathLike, name: str, tag: str) -> Path:
+    """``<out_dir>/<name>.<tag>``, checked to resolve to a direct child of ``out_dir`` (a symlinked folder or a
+    crafted tag must not lead anywhere else)."""
+    check_tag(tag, name)
+    out = Path(out_dir)
+    folder = out / f'{name}.{tag}'
+    if folder.resolve().parent != out.resolve():
+        raise ValueError(f'{folder} resolves to {folder.resolve()}, outside --out {out}: remove the link or choose '
+                         f'another --out')
+    return folder
 
 
 def _import_models() -> None:
@@ -134,6 +173,7 @@ class RunInfo:
     img_size: Optional[int]
     data_source: Optional[str]
     metrics: Dict[str, Any] = field(default_factory=dict)
+    config_changes: List[Dict[str, Any]] = field(default_factory=list)  # config_history.jsonl: keys a resume changed
 
     def weights_file(self, name: str) -> Path:
         return RunLayout(self.path).weights(name)
@@ -176,7 +216,11 @@ def load_run(run_dir: PathLike) -> RunInfo:
     model_args: Dict[str, Dict[str, Any]] = {}
     args_img_size = None
     if args_path.is_file():
-        raw = json.loads(args_path.read_text(encoding='utf-8')) or {}
+        try:
+            raw = json.loads(args_path.read_text(encoding='utf-8')) or {}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f'{args_path} is not valid JSON ({e}); restore it from the run or rewrite it as '
+                             f'{{model_name: {{kwarg: value}}}}') from None
         if not isinstance(raw, dict):
             raise ValueError(f'{args_path}: expected {{model_name: {{kwarg: value}}, ...}}, got {type(raw).__name__}')
         # the trainer also records 'img_size' and a 'how_to_load' note next to the per-model kwargs
@@ -186,7 +230,14 @@ def load_run(run_dir: PathLike) -> RunInfo:
     for cand in (layout.config, layout.config.with_suffix('.yml')):
         if cand.is_file():
             config_path = cand
-            config = yaml.safe_load(config_path.read_text(encoding='utf-8'))
+            try:
+                config = yaml.safe_load(config_path.read_text(encoding='utf-8'))
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                mark = getattr(e, 'problem_mark', None)
+                where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark is not None else ''
+                problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+                raise ValueError(f'{config_path} is not valid YAML{where}: {problem}; fix or restore the run\'s '
+                                 f'config.yaml') from None
             config_sha = canonical_config_hash(config)
             break
     run_name = None
@@ -206,7 +257,25 @@ def load_run(run_dir: PathLike) -> RunInfo:
         img_size=img_size,
         data_source=data_source,
         metrics=_summarize_metrics(layout.metrics),
+        config_changes=_read_config_history(layout.config_history),
     )
+
+
+def _read_config_history(path: Path) -> List[Dict[str, Any]]:
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding='utf-8').splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and 'key' in rec:
+                out.append(rec)
+    return out
+
+
+def describe_config_change(r: Dict[str, Any]) -> str:
+    return f"{r['key']}: {r.get('old')!r} until stage {r.get('stage')} step {r.get('step')}, then {r.get('new')!r}"
 
 
 def _jsonable(v: Any) -> Any:
@@ -288,6 +357,23 @@ def _is_registered(name: str, tag: str) -> bool:
     return f'{name}.{tag}' in timm.list_models(name, include_tags=True)
 
 
+def check_recorded_sha256(run_dir: PathLike, weights: Path) -> None:
+    """Refuse a run weight file whose sha256 differs from the one the trainer recorded when writing it
+    (weights_sha256.json): a corrupted or modified file must not be published (runs of older versions have no
+    record and are exported as they are)."""
+    record_path = RunLayout(run_dir).weights_sha256
+    if not record_path.is_file():
+        return
+    try:
+        record = json.loads(record_path.read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f'{record_path} is not valid JSON ({e}); restore it from the run') from None
+    want = record.get(weights.name) if isinstance(record, dict) else None
+    if want and sha256_file(weights) != want:
+        raise ValueError(f'{weights} does not match the sha256 recorded when the run wrote it ({record_path.name}): '
+                         f'the file is corrupt or was modified since; export from an intact copy of the run')
+
+
 def _export_model_and_tag(name: str, tag: Optional[str], args: Dict[str, Any], img_size: Optional[int],
                           warns: List[str]):
     """The model to load the run's weights into, built from the tag's cfg, and the tag.
@@ -336,11 +422,16 @@ def storage_check(name: str, model: torch.nn.Module, stored: Dict[str, torch.Ten
     return {k: float((ref[k] - got[k]).abs().max()) for k in ref}
 
 
-def _check_out_folder(folder: Path, force: bool) -> None:
+def _check_out_folder(folder: Path, force: bool, name: str = '', tag: str = '') -> None:
     if not folder.exists():
         return
     if not folder.is_dir():
         raise FileExistsError(f'{folder} exists and is not a folder')
+    from timm_spot.models._releases import find_release
+    if name and tag and find_release(name, tag) is not None and any(folder.iterdir()) and not force:
+        raise FileExistsError(
+            f'{folder} holds the release {name}.{tag} of timm_spot/models/_releases.py: export under a new --tag, '
+            f'or pass --force to replace the release')
     extra = [p.name for p in folder.iterdir() if p.name not in EXPORT_FILES]
     if extra and not force:
         raise FileExistsError(
@@ -377,6 +468,7 @@ def export_model(
     src = run.weights_file(name)
     if not src.is_file():
         raise FileNotFoundError(f'{name}: no weights in the run ({src} missing)')
+    check_recorded_sha256(run.path, src)
     if pretext_dtype not in ('auto', 'bfloat16', 'float32'):
         raise ValueError(f"pretext_dtype must be 'auto', 'bfloat16' or 'float32', got {pretext_dtype!r}")
     warns: List[str] = []
@@ -390,9 +482,11 @@ def export_model(
     except Exception as e:
         raise RuntimeError(f'{name}: cannot read {src}: {type(e).__name__}: {e}') from e
     img_size = img_size or run.img_size
+    if tag:
+        check_tag(tag, name)
     model, tag = _export_model_and_tag(name, tag, args, img_size, warns)
-    folder = Path(out_dir) / f'{name}.{tag}'
-    _check_out_folder(folder, force)
+    folder = target_folder(out_dir, name, tag)
+    _check_out_folder(folder, force, name, tag)
     if name == 'alexnet_spot':  # accept a backbone saved with its pretext BatchNorm (folded here, exact)
         from timm_spot.models.alexnet_spot import checkpoint_filter_fn
         state = checkpoint_filter_fn(state, model)
@@ -432,6 +526,13 @@ def export_model(
             import yaml
             config_text = config_text.replace(str(run.data_source), str(data_source))
             config_sha = canonical_config_hash(yaml.safe_load(config_text))
+    if run.config_changes:  # the training config held other values before a --resume: say so where it is shipped
+        if config_text is not None and 'config_history.jsonl' not in config_text:
+            config_text = ('# resumed with changed keys (config_history.jsonl of the run); the values below hold '
+                           'from that point on:\n' + ''.join(f'#   {describe_config_change(r)}\n'
+                                                            for r in run.config_changes) + config_text)
+        warns.append('the training config changed on --resume (training_config.yaml holds the last values): '
+                     + '; '.join(describe_config_change(r) for r in run.config_changes))
     if tag.endswith('in1k') and not looks_like_imagenet_1k(data_source):
         warns.append(f'training data of the run is {data_source or "not recorded in config.yaml"!s}: '
                      f'these are not ImageNet-1k weights, do not publish them as {repo_id}')
@@ -560,7 +661,9 @@ def export_run(
         pretext_dtype: str = 'auto',
 ) -> List[ExportResult]:
     """Export the models of a run (default: every model with a ``<name>.safetensors`` in it) as release ``tag``
-    (default: each model's default release) to ``<out_dir>/<name>.<tag>/``."""
+    (default: a new tag :func:`default_tag`, never a shipped release) to ``<out_dir>/<name>.<tag>/``."""
+    if tag:
+        check_tag(tag)
     run = load_run(run_dir)
     names = list(models) if models else run.available_models()
     if not names:
@@ -568,6 +671,10 @@ def export_run(
     unknown = [n for n in names if n not in MODEL_NAMES]
     if unknown:
         raise ValueError(f'unknown model(s) {unknown}; exportable: {", ".join(MODEL_NAMES)}')
+    if not tag:
+        tag = default_tag(run.path)
+        if log is not None:
+            log(f'no --tag given: exporting as the new tag {tag!r} (pass --tag TAG to name a release)')
     if log is not None:
         log(f'run {run.path} ({run.run_name}); config sha256 {run.config_sha256 or "none (no config.yaml)"}; '
             f'img_size {img_size or run.img_size or "registry default"}; python {platform.python_version()}')

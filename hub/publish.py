@@ -2,7 +2,9 @@
 
 ``publish_folder`` checks the folder first (config.json names a registered architecture, model.safetensors has a
 valid header with ``format=pt`` metadata of the same architecture, README.md has parseable front matter), then
-``HfApi.create_repo(exist_ok=True)`` + ``HfApi.upload_folder``. The token comes from ``HF_TOKEN`` (or a saved
+``HfApi.create_repo(exist_ok=True)`` + ``HfApi.create_commit`` with one explicit ``CommitOperationAdd`` per listed
+file (never ``allow_patterns``: a file named ``*`` or ``[.]env`` would be a glob pattern matching ``.env``); a
+symlink, or anything that resolves outside the folder, is refused. The token comes from ``HF_TOKEN`` (or a saved
 ``hf auth login``). ``dry_run=True`` lists what would be uploaded (path, size, sha256, LFS) and makes no network
 call at all.
 
@@ -25,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from ._files import PathLike, describe_files, human_size, read_safetensors_header
+from ._files import PathLike, describe_files, human_size, list_repo_files, read_safetensors_header
 from .card import split_front_matter
 from .export import looks_like_imagenet_1k
 
@@ -84,11 +86,26 @@ def check_folder(folder: PathLike) -> Dict[str, Any]:
                 problems.append(f"README.md front matter library_name is {card.get('library_name')!r}, not 'timm'")
         except Exception as e:  # yaml errors and missing front matter alike
             problems.append(f'README.md: {e}')
+    problems.extend(_escaping_entries(folder))
     if problems:
         raise ValueError(f'{folder} is not ready to publish:\n  - ' + '\n  - '.join(problems))
     registry = registry_report(arch, config.get('model_args', {}), shapes, tag=meta.get('pretrained_tag'))
     return dict(folder=folder, architecture=arch, config=config, metadata=meta, card=card, registry=registry,
                 files=describe_files(folder))
+
+
+def _escaping_entries(folder: Path) -> List[str]:
+    """Symlinks, and entries resolving outside ``folder``, among the files an upload would list: an upload must
+    never carry a file from elsewhere on the machine (a link to ~/.ssh, to a token file)."""
+    root = folder.resolve()
+    out = []
+    for rel, path in list_repo_files(folder):
+        if path.is_symlink():
+            out.append(f'{rel} is a symlink (to {os.readlink(path)}): only regular files are uploaded; replace it '
+                       f'by the file itself or remove it')
+        elif root not in path.resolve().parents:
+            out.append(f'{rel} resolves outside the folder ({path.resolve()}); remove it')
+    return out
 
 
 def _first_line(e: BaseException) -> str:
@@ -213,19 +230,21 @@ def publish_folder(
         if not token:
             raise RuntimeError('no Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`')
         api = HfApi(token=token, library_name='timm-spot', library_version=timm_spot.__version__)
-    # exactly the files the dry run lists (hidden files such as .env, caches and stray folders never leave)
-    allow = [f['path'] for f in info['files']]
+    # exactly the files the dry run lists, each added by name: no pattern matching (a file named '*' or '[.]env'
+    # is a glob in allow_patterns and would upload .env), hidden files such as .env never leave
+    from huggingface_hub import CommitOperationAdd
+    operations = [CommitOperationAdd(path_in_repo=f['path'], path_or_fileobj=str(folder / f['path']))
+                  for f in info['files']]
     try:
         repo_url = api.create_repo(repo_id, exist_ok=True, private=private)
         repo_id = getattr(repo_url, 'repo_id', None) or repo_id
         if revision != 'main' and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(
+        commit = api.create_commit(
             repo_id=repo_id,
-            folder_path=str(folder),
+            operations=operations,
             revision=revision,
             create_pr=create_pr,
-            allow_patterns=allow,
             commit_message=commit_message or f"Upload {arch} ({meta.get('training_run', 'timm-spot export')})",
         )
     except Exception as e:  # noqa: BLE001

@@ -569,8 +569,8 @@ class FakeApi:
     def create_branch(self, repo_id, **kwargs):
         self.calls.append(('create_branch', repo_id, kwargs))
 
-    def upload_folder(self, **kwargs):
-        self.calls.append(('upload_folder', kwargs['repo_id'], kwargs))
+    def create_commit(self, **kwargs):
+        self.calls.append(('create_commit', kwargs['repo_id'], kwargs))
         return type('CommitInfo', (), {'oid': self.oid, 'commit_url': f'https://hf.co/x/commit/{self.oid}',
                                        'pr_url': None})()
 
@@ -603,11 +603,13 @@ def test_publish_uploads_and_prints_revision_to_pin(exported, capsys, revision):
     folder = folder_of(exported['out'], 'alexnet_spot')
     summary = publish_folder(folder, repo_id('alexnet_spot'), revision=revision, api=api)
     kinds = [c[0] for c in api.calls]
-    assert kinds == (['create_repo', 'upload_folder'] if revision == 'main'
-                     else ['create_repo', 'create_branch', 'upload_folder'])
+    assert kinds == (['create_repo', 'create_commit'] if revision == 'main'
+                     else ['create_repo', 'create_branch', 'create_commit'])
     assert api.calls[0][2]['exist_ok'] is True
     upload = api.calls[-1][2]
-    assert upload['folder_path'] == str(folder) and upload['revision'] == revision
+    assert sorted(op.path_in_repo for op in upload['operations']) == sorted(EXPORT_FILES)
+    assert {op.path_or_fileobj for op in upload['operations']} == {str(folder / n) for n in EXPORT_FILES}
+    assert upload['revision'] == revision
     assert summary['commit'] == FakeApi.oid
     out = capsys.readouterr().out
     assert f'revision to pin: {FakeApi.oid}' in out

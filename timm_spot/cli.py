@@ -22,6 +22,10 @@ from typing import List, Optional
 
 __all__ = ['main', 'build_parser', 'default_sample_source', 'default_data_root']
 
+# --img-size range of every command: below 16 px AlexNet's conv/pool stack has no output; above 1024 px the
+# figures and feature maps need tens of GB (refused before anything is allocated)
+MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 1024
+
 
 def _kv(items: Optional[List[str]]) -> dict:
     out = {}
@@ -410,6 +414,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    size = getattr(args, 'img_size', None)
+    if size is not None and not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
+        print(f'error: --img-size must be between {MIN_IMG_SIZE} and {MAX_IMG_SIZE} pixels, got {size}',
+              file=sys.stderr)
+        return 2
     handlers = {'probe': cmd_probe, 'transfer': cmd_transfer, 'figure': cmd_figure, 'spot': cmd_spot}
     handler = handlers.get(args.command, cmd_timm)
     try:

@@ -9,6 +9,9 @@ One place for the names, so the trainer and the exporter cannot drift apart::
     model_args.json                            constructor kwargs of each model (timm.create_model(name, **args))
     config.yaml                                the resolved training config
     metrics.jsonl                              one JSON record per log step
+    weights_sha256.json                        sha256 of each weight file as the run wrote it (export checks it)
+    config_history.jsonl                       config keys changed on --resume: {stage, step, key, old, new}
+    .lock                                      held (fcntl.lockf) by the process running in the dir
     figures/ checkpoints/ snapshots/ debug/ tensorboard/
 """
 from __future__ import annotations
@@ -54,6 +57,21 @@ class RunLayout:
         return self.root / 'metrics.jsonl'
 
     @property
+    def weights_sha256(self) -> Path:
+        """{file name: sha256} of the weight files, written with them: export refuses a file that changed since."""
+        return self.root / 'weights_sha256.json'
+
+    @property
+    def config_history(self) -> Path:
+        """One JSON record per config key a --resume changed (config.yaml holds the latest values only)."""
+        return self.root / 'config_history.jsonl'
+
+    @property
+    def lock(self) -> Path:
+        """The lock file a pretraining process holds (fcntl.lockf) while it runs in the dir; holds its pid."""
+        return self.root / '.lock'
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / 'checkpoints'
 
@@ -75,7 +93,8 @@ class RunLayout:
     def output_files(self) -> Tuple[Path, ...]:
         """Files that make a directory hold a run (an earlier run is never overwritten silently)."""
         return tuple(self.weights(n) for n in MODEL_NAMES + (GAN,)) + (
-            self.generator_stage1, self.model_args, self.config, self.metrics)
+            self.generator_stage1, self.model_args, self.config, self.metrics, self.weights_sha256,
+            self.config_history)
 
     def output_dirs(self) -> Tuple[Path, ...]:
         return (self.checkpoints, self.figures, self.root / 'snapshots', self.root / 'debug', self.tensorboard)

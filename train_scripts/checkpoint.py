@@ -36,6 +36,82 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from (corrupt, incomplete, incompatible); the message names it."""
 
 
+class RunLockedError(FileExistsError):
+    """Another process runs in the run directory (holds its lock); the message names its pid."""
+
+
+class RunLock:
+    """Exclusive lock (``fcntl.lockf``) on ``<run dir>/.lock`` (the file holds the holder's pid), taken before the
+    output dir is checked and held to the end of the run: two processes in one --output-dir would interleave
+    metrics.jsonl and overwrite each other's weights, and a concurrent --overwrite would move a live run aside. The
+    kernel drops the lock when the process dies, so a killed run never leaves a stale lock. A POSIX lock, not
+    ``flock``: forked DataLoader workers do not inherit it, so workers orphaned by a SIGKILL do not keep it.
+
+    A run dir that does not exist yet is created to hold the lock; :meth:`release` removes the lock file, and the
+    dir again when it is still empty (a run refused before writing anything leaves nothing behind).
+    """
+
+    def __init__(self, out: str) -> None:
+        import fcntl
+        self.out = out
+        self.path = os.path.join(out, '.lock')
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise NotADirectoryError(f'--output-dir {out} is a file, not a folder: choose another --output-dir')
+        self.created = not os.path.exists(out)
+        try:
+            os.makedirs(out, exist_ok=True)
+            while True:
+                f = open(self.path, 'a+', encoding='utf-8')
+                try:
+                    fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
+                    f.seek(0)
+                    holder = f.read().strip() or 'unknown'
+                    f.close()
+                    raise RunLockedError(
+                        f'{out} is in use by another pretraining process (pid {holder}, lock {self.path}): wait for '
+                        f'it to finish or stop it, or choose another --output-dir') from None
+                try:  # the holder before us may have removed the file: lock the one at the path
+                    same = os.fstat(f.fileno()).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                f.close()
+            f.seek(0)
+            f.truncate()
+            f.write(f'{os.getpid()}\n')
+            f.flush()
+        except RunLockedError:
+            raise
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise PermissionError(f'cannot write to --output-dir {out} ({e.strerror}): choose a writable folder '
+                                      f'with --output-dir') from None
+            if isinstance(e, (FileExistsError, NotADirectoryError)):
+                raise NotADirectoryError(f'--output-dir {out}: a part of the path is a file, not a folder '
+                                         f'({e.strerror}): choose another --output-dir') from None
+            raise
+        self.file = f
+
+    def release(self) -> None:
+        if self.file is None:
+            return
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+        self.file.close()
+        self.file = None
+        if self.created:
+            try:
+                os.rmdir(self.out)  # only when empty
+            except OSError:
+                pass
+
+
 class DiskFullError(OSError):
     """Writing an output failed because the disk is full; the message names the space and the kept checkpoint."""
 

@@ -23,6 +23,9 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 DEMO_CONFIG = os.path.join(CONFIG_DIR, 'demo.yaml')
 
 
+MAX_IMG_SIZE = 1024  # largest training / evaluation input size accepted (checked before anything is allocated)
+
+
 class ConfigError(ValueError):
     """A bad configuration value or key (the message names it)."""
 
@@ -63,8 +66,9 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     """The training crop (docs/method.md, "Preprocessing": random resized crop, flip, colour jitter)."""
-    img_size: int = opt(128, 'training crop size in px (multiple of 16: the drop-mask / conv5 grid is img_size/16)',
-                        low=16)
+    img_size: int = opt(128, 'training crop size in px (multiple of 16: the drop-mask / conv5 grid is img_size/16; '
+                             f'at most {MAX_IMG_SIZE}, beyond which the networks and figures need tens of GB)',
+                        low=16, high=MAX_IMG_SIZE)
     crop_scale: List[float] = opt([0.333, 1.0], 'random-resized-crop area range (fraction of the image)')
     crop_ratio: List[float] = opt([0.75, 1.33], 'random-resized-crop aspect-ratio range')
     interpolation: str = opt('random', "resize: 'random' (bilinear or bicubic at random, as the code), 'bilinear', "
@@ -343,9 +347,44 @@ class PretrainConfig:
         if not all(0 <= f <= 1 for f in self.run.snapshots):
             raise ConfigError(f'snapshots must be a list of stage-2 fractions in [0, 1], got {self.run.snapshots!r}')
         self.nan_at  # noqa: B018  (parses debug_nan_at: a malformed value is named now, not at that step)
+        self._check_model_kwargs()
+
+    def _check_model_kwargs(self) -> None:
+        """Each extra model kwarg against its constructor's signature, then the model built on the meta device, now:
+        a wrong discriminator_kwargs key used to fail after the whole of stage 1 (raw TypeError), leaving a run that
+        neither resumed nor restarted. Imports the models (torch) only when a config sets extra kwargs."""
+        import importlib
+        import inspect
+        for key, (model, module, cls_name) in _MODEL_CLASSES.items():
+            given = getattr(self.model, key)
+            if not given:
+                continue
+            cls = getattr(importlib.import_module(module), cls_name)
+            params = inspect.signature(cls.__init__).parameters
+            valid = sorted(k for k, p in params.items() if k not in ('self', 'device', 'dtype')
+                           and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+            unknown = [k for k in given if k not in valid]
+            if unknown:
+                raise ConfigError(f'{key}: {unknown[0]!r} is not a constructor argument of {model}; valid keys: '
+                                  f'{", ".join(valid)}')
+            import timm
+            kwargs = self.generator_kwargs() if key == 'generator_kwargs' else self.discriminator_kwargs()
+            try:
+                timm.create_model(model, device='meta', **kwargs)
+            except Exception as e:  # noqa: BLE001  (a value the constructor rejects)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+                raise ConfigError(f'{key} {given!r} do not build {model}: {type(e).__name__}: {first}; fix the '
+                                  f'values') from None
 
 
 # ------------------------------------------------------------------------------------------------ value checks
+# the models whose constructor kwargs a config may extend: config key -> (timm name, module, class)
+_MODEL_CLASSES = {
+    'generator_kwargs': ('damage_repair_generator', 'timm_spot.models.damage_repair_generator',
+                         'DamageRepairGenerator'),
+    'discriminator_kwargs': ('alexnet_spot_discriminator', 'timm_spot.models.alexnet_spot_discriminator',
+                             'AlexNetSpotDiscriminator'),
+}
 _FIELDS: Dict[str, dataclasses.Field] = {f.name: f for _, t in SECTIONS for f in dataclasses.fields(t)}
 _HINTS: Dict[str, Any] = {k: v for _, t in SECTIONS for k, v in typing.get_type_hints(t).items()}
 DEFAULTS: Dict[str, Any] = PretrainConfig().to_flat()
@@ -578,9 +617,18 @@ def resume_fingerprint(cfg: PretrainConfig) -> Dict[str, Any]:
     return out
 
 
-def check_resume_compatible(saved: Dict[str, Any], cfg: PretrainConfig, where: str) -> None:
-    """Raise ConfigError naming the first key whose value differs from the resumed run's (flat ``saved``)."""
+def check_resume_compatible(saved: Dict[str, Any], cfg: PretrainConfig, where: str,
+                            origins: Optional[Dict[str, str]] = None) -> None:
+    """Raise ConfigError naming the first key whose value differs from the resumed run's (flat ``saved``).
+    ``origins``: how the user set each key (``--img-size 64``, ``img_size in my.yaml``): the advice names that, and
+    no option the user did not pass."""
     flat = cfg.to_flat()
+    origins = origins or {}
+
+    def undo(key: str, old: Any) -> str:
+        if key in origins:
+            return f'drop {origins[key]} to continue with {old!r}'
+        return f'set {key} back to {old!r} to continue'
     for key in RESUME_FIXED_KEYS:
         if key not in saved:
             continue
@@ -589,8 +637,8 @@ def check_resume_compatible(saved: Dict[str, Any], cfg: PretrainConfig, where: s
         if old != new:
             raise ConfigError(
                 f'--resume: {key} is {new!r} but the run being resumed ({where}) used {old!r}; {key} fixes the shape of '
-                f'the checkpoint (or the data position), so it cannot change mid-run: drop the option to continue '
-                f'with {old!r}, or start a new run in another --output-dir')
+                f'the checkpoint (or the data position), so it cannot change mid-run: {undo(key, old)}, or start a '
+                f'new run in another --output-dir')
     if 'mask_loss_weight' in saved:
         old, new = float(saved['mask_loss_weight']) > 0, flat['mask_loss_weight'] > 0
         if old != new:

@@ -117,12 +117,28 @@ def config_from_args(argv=None):
             again = dict(explicit)
             again.update(cli)
             cfg = config_lib.resolve(again, base=base)
-            # refuse a shape change before anything is written (config.yaml stays the resumed run's)
-            config_lib.check_resume_compatible(base, cfg, saved_path)
+            # refuse a shape change before anything is written (config.yaml stays the resumed run's); the advice
+            # names only what the user gave (a flag, a --set, a key of their --config file)
+            flags = {k: f for f, k, _, _ in _FLAGS}
+            origins = {k: f'{k} in {args.config}' for k in explicit}
+            origins.update({k: (f'{flags[k]} {getattr(args, k)}' if getattr(args, k, None) is not None and k in flags
+                                else f'--set {k}=...') for k in cli})
+            config_lib.check_resume_compatible(base, cfg, saved_path, origins=origins)
     elif demo_dir is not None and cfg.run.output_dir == demo_dir and 'overwrite' not in cli:
         # the demo (no --config) re-run into its own default dir starts afresh; any other --output-dir is guarded
         cfg = cfg.replace(overwrite=True)
     return cfg, args
+
+
+def resume_command(argv=None) -> str:
+    """The command that resumes this invocation: its own options (only those the user passed), without
+    --overwrite, with --resume."""
+    import shlex
+    args = list(sys.argv[1:] if argv is None else argv)
+    args = [a for a in args if a != '--overwrite']
+    if not any(a == '--resume' or a.startswith('--resume=') for a in args):
+        args.append('--resume')
+    return 'python train_scripts/pretrain.py ' + ' '.join(shlex.quote(a) for a in args)
 
 
 def _input_errors():
@@ -149,6 +165,13 @@ def main(argv=None) -> int:
 
     try:
         Pretrainer(cfg).run()
+    except KeyboardInterrupt:
+        out = os.path.abspath(cfg.run.output_dir)
+        kept = read_latest(str(RunLayout(out).checkpoints))
+        where = f'the last checkpoint is {kept}' if kept else 'no checkpoint had been written yet'
+        how = f'continue with: {resume_command(argv)}' if kept else 'start it again'
+        print(f'interrupted: {where}; {how}', file=sys.stderr, flush=True)
+        return 130
     except NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         return 3

@@ -34,8 +34,8 @@ from . import config as config_lib
 from .allocator import retain_freed_memory
 from .batches import (TAG_FIGURE, TAG_INIT, TAG_SHORTCUT, TAG_TORCH, MapStyleBatches, StreamingBatches, StreamPosition,
                       dataset_length, derive_seed, figure_images, map_style_loader, open_source, torch_generator)
-from .checkpoint import (CheckpointError, DiskFullError, _readable_problem, atomic_save_safetensors,
-                         atomic_write_text, clean_partial, dir_size, disk_full_message, find_resume_checkpoint,
+from .checkpoint import (CheckpointError, DiskFullError, RunLock, RunLockedError, _readable_problem,
+                         atomic_save_safetensors, atomic_write_text, clean_partial, dir_size, disk_full_message, find_resume_checkpoint,
                          is_disk_full, load_frozen, load_process_state, read_latest, read_meta, save_checkpoint)
 from .config import PretrainConfig
 from .figure3 import figure3_rows, make_grid, save_png
@@ -145,6 +145,8 @@ class Pretrainer:
         self.last_checkpoint: Optional[str] = None
         self.pbar = None
         self.set_aside: Optional[str] = None
+        self.lock: Optional[RunLock] = None
+        self.lock_taken = False
 
     # ------------------------------------------------------------------ helpers
     def log_info(self, message: str) -> None:
@@ -204,6 +206,33 @@ class Pretrainer:
                 f'Lower the learning rate or check the data.')
 
     # ------------------------------------------------------------------ setup
+    def acquire_lock(self) -> None:
+        """The run dir's exclusive lock (:class:`RunLock`), taken by the main process; every process raises when it
+        is held by another run."""
+        if self.lock_taken:  # every rank, not only the holder: the broadcast below must pair up across ranks
+            return
+        error: Optional[BaseException] = None
+        if self.is_main:
+            try:
+                self.lock = RunLock(self.out)
+            except OSError as e:
+                error = e
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+            message = [str(error) if error is not None else None]
+            broadcast_object_list(message)
+            if message[0] is not None and error is None:
+                raise RunLockedError(message[0])
+        if error is not None:
+            raise error
+        self.lock_taken = True
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        self.lock_taken = False
+
     def _run_outputs(self) -> List[str]:
         """Names of an earlier run's outputs present in the output dir; empty when it holds nothing of value (no
         weights, checkpoints, figures or metric records: a config.yaml alone is that of a run that produced
@@ -228,6 +257,7 @@ class Pretrainer:
         into ``.replaced-*``, and deleted once this run has written its first checkpoint).
         """
         cfg, run = self.cfg, self.cfg.run
+        self.acquire_lock()  # held from before the output check to the end of the run
         resume_path = None
         skipped: List[tuple] = []
         earlier = self._run_outputs()
@@ -263,7 +293,8 @@ class Pretrainer:
             os.makedirs(self.ckpt_root, exist_ok=True)
             clean_partial(self.ckpt_root)
             saved = cfg.replace(overwrite=False, resume=None)  # a copied config.yaml must not replace runs elsewhere
-            atomic_write_text(str(self.layout.config), config_lib.dump_yaml(saved))
+            history = self.record_config_changes(resume_path, saved) if resume_path is not None else []
+            atomic_write_text(str(self.layout.config), config_history_header(history) + config_lib.dump_yaml(saved))
             if resume_path is None:
                 atomic_write_text(str(self.layout.metrics), '')
             else:
@@ -271,6 +302,36 @@ class Pretrainer:
                 self._truncate_metrics(str(self.layout.metrics), int(meta['stage']), int(meta['step']))
         self.accelerator.wait_for_everyone()
         return resume_path
+
+    def record_config_changes(self, resume_path: str, new_cfg: PretrainConfig) -> List[Dict[str, Any]]:
+        """Keys a --resume changed (lr, stage2_steps, ...: the shape keys are refused earlier): one line each, and
+        ``{stage, step, key, old, new}`` appended to config_history.jsonl (records after the resumed checkpoint,
+        from a killed later attempt, are dropped). Returns the run's whole history, for config.yaml's header."""
+        import yaml
+        meta = read_meta(resume_path)
+        at = (int(meta['stage']), int(meta['step']))
+        history = [r for r in read_config_history(str(self.layout.config_history))
+                   if (r.get('stage', 0), r.get('step', 0)) <= at]
+        old: Dict[str, Any] = {}
+        try:
+            loaded = yaml.safe_load(self.layout.config.read_text(encoding='utf-8'))
+            if isinstance(loaded, dict):
+                base = dict(config_lib.DEFAULTS)
+                base.update({k: v for k, v in loaded.items() if k in base})
+                old = config_lib.PretrainConfig.from_flat(base).to_flat()
+        except (OSError, ValueError, yaml.YAMLError):
+            old = {}
+        new = new_cfg.to_flat()
+        for key in new:
+            if key in config_lib.RUNTIME_KEYS or key not in old or old[key] == new[key]:
+                continue
+            history.append({'stage': at[0], 'step': at[1], 'key': key, 'old': old[key], 'new': new[key]})
+            self.log_info(f'--resume: {key} changes from {old[key]!r} to {new[key]!r} at stage {at[0]} step {at[1]} '
+                          f'(recorded in {self.layout.config_history.name}; config.yaml holds the new value)')
+        atomic_write_text(str(self.layout.config_history), ''.join(json.dumps(r) + '\n' for r in history))
+        if not history:
+            os.remove(self.layout.config_history)
+        return history
 
     def _check_stage1_file(self, path: str) -> None:
         """The stage-1 generator a stage-2-only run starts from: present, intact, E/D shapes of this config."""
@@ -391,6 +452,18 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
+        self.acquire_lock()
+        try:
+            return self._run()
+        except BaseException:
+            if self.set_aside and os.path.isdir(self.set_aside):  # --overwrite failed before its first checkpoint
+                print(f'note: the earlier run this --overwrite replaces is kept in {self.set_aside}: move its files '
+                      f'back into {self.out} to restore it, or delete the folder', file=sys.stderr, flush=True)
+            raise
+        finally:
+            self.release_lock()
+
+    def _run(self) -> Dict[str, Any]:
         cfg = self.cfg
         self.open_data()  # the data source yields images before the output dir is touched
         resume_path = self.prepare_output()
@@ -673,6 +746,15 @@ class Pretrainer:
         save_png(grid, str(self.layout.figures / f'fig3_stage{stage}_step{step:07d}.png'))
         save_png(grid, str(self.layout.figures / 'fig3_latest.png'))
 
+    def record_weight_hashes(self, paths: List[str]) -> None:
+        """sha256 of each weight file just written, in weights_sha256.json (``hub export`` refuses a file that no
+        longer matches: a flipped bit in a run's weights must not be published)."""
+        from .checkpoint import sha256_file
+        record_path = str(self.layout.weights_sha256)
+        record = _recorded_hashes(record_path)
+        record.update({os.path.basename(p): sha256_file(p) for p in paths})
+        atomic_write_text(record_path, json.dumps(dict(sorted(record.items())), indent=1) + '\n')
+
     def write_weights(self, stage: int) -> None:
         """The models of the run, each loadable with timm.create_model(name, **model_args[name]) (run_layout)."""
         if not self.is_main:
@@ -680,27 +762,74 @@ class Pretrainer:
         layout, cfg = self.layout, self.cfg
         model_args: Dict[str, Any] = {}
         if layout.model_args.is_file():
-            model_args = json.loads(layout.model_args.read_text(encoding='utf-8'))
+            try:
+                model_args = json.loads(layout.model_args.read_text(encoding='utf-8'))
+            except (ValueError, UnicodeDecodeError) as e:  # rewritten below from this run's config
+                self.log_info(f'warning: {layout.model_args} is not valid JSON ({e}); rewriting it from the config')
+            if not isinstance(model_args, dict):
+                model_args = {}
+        written: List[str] = []
+
+        def save(state, path) -> None:
+            atomic_save_safetensors(state, str(path))
+            written.append(str(path))
+
         if self.generator is not None:
             state = self.generator.state_dict()
             if stage == 1:
-                atomic_save_safetensors(state, str(layout.generator_stage1))
-            atomic_save_safetensors(state, str(layout.weights(GENERATOR)))
+                save(state, layout.generator_stage1)
+            save(state, layout.weights(GENERATOR))
             model_args[GENERATOR] = cfg.generator_kwargs()
         if stage == 2:
             disc = self.discriminator
-            atomic_save_safetensors(disc.state_dict(), str(layout.weights(DISCRIMINATOR)))
-            atomic_save_safetensors(disc.backbone_state_dict(), str(layout.weights(BACKBONE)))
+            save(disc.state_dict(), layout.weights(DISCRIMINATOR))
+            save(disc.backbone_state_dict(), layout.weights(BACKBONE))
             model_args[DISCRIMINATOR] = cfg.discriminator_kwargs()
             model_args[BACKBONE] = {}
             if self.gan is not None:
-                atomic_save_safetensors(self.gan.state_dict(), str(layout.weights(GAN)))
+                save(self.gan.state_dict(), layout.weights(GAN))
                 model_args[GAN] = cfg.gan_kwargs()
+        self.record_weight_hashes(written)
         model_args['img_size'] = cfg.augment.img_size
         model_args['how_to_load'] = ("timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file="
                                      "'<NAME>.safetensors'), **model_args[NAME]) after `import timm_spot`; "
                                      "dcgan_generator: train_scripts.gan.DCGANGenerator(**args).load_state_dict")
         atomic_write_text(str(layout.model_args), json.dumps(model_args, indent=1))
+
+
+def read_config_history(path: str) -> List[Dict[str, Any]]:
+    """The records of config_history.jsonl (unreadable lines skipped; none when the file is missing)."""
+    out: List[Dict[str, Any]] = []
+    if os.path.isfile(path):
+        with open(path, 'r', encoding='utf-8') as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict):
+                    out.append(rec)
+    return out
+
+
+def config_history_header(history: List[Dict[str, Any]]) -> str:
+    """YAML comment lines for config.yaml saying which keys held other values before a --resume (config.yaml
+    holds the latest values; it must not read as if they held for the whole run)."""
+    if not history:
+        return ''
+    lines = ['# resumed with changed keys (config_history.jsonl); the values below hold from that point on:']
+    lines += [f"#   {r['key']}: {r['old']!r} until stage {r['stage']} step {r['step']}, then {r['new']!r}"
+              for r in history]
+    return '\n'.join(lines) + '\n'
+
+
+def _recorded_hashes(path: str) -> Dict[str, str]:
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            data = json.load(f)
+        return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def load_stage1_weights(generator, state, path: str = 'the stage-1 file') -> str:

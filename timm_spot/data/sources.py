@@ -116,13 +116,28 @@ def load_image_source(
             builder = _file_builder(paths)
             if builder is None:
                 raise ValueError(f'data source {source!r}: cannot tell the file format of {paths[:3]}')
-            ds = datasets.load_dataset(builder, data_files=paths, split='train', streaming=streaming)
+            try:
+                ds = datasets.load_dataset(builder, data_files=paths, split='train', streaming=streaming)
+            except ValueError as e:
+                if 'corresponds to no data' in str(e) or 'no data' in str(e).lower():
+                    raise ValueError(f'data source {source!r} holds no rows (an empty file?): pass files with '
+                                     f'images') from None
+                raise
         elif os.path.sep in source and not os.path.exists(expanded) and source.startswith(('.', '/', '~')):
             raise FileNotFoundError(f'data source {source!r} does not exist')
         else:
-            ds = datasets.load_dataset(source, split=split, streaming=streaming)
+            try:
+                ds = datasets.load_dataset(source, split=split, streaming=streaming)
+            except (ConnectionError, TimeoutError) as e:  # offline (HF_HUB_OFFLINE=1) or no network
+                raise ValueError(
+                    f'data source {source!r}: cannot reach the Hugging Face Hub for this dataset id and it is not in '
+                    f'the local cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); connect to the '
+                    f'network (unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or pass a local file or folder') from None
 
     check_columns(ds, image_column, label_column, source=source)
+    if not streaming and hasattr(ds, '__len__') and len(ds) == 0:
+        raise ValueError(f'data source {source!r} [{split}] holds no rows (an empty file or split?): pass data with '
+                         f'images')
     if not decode and isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds

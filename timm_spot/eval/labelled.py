@@ -119,6 +119,7 @@ def load_labelled(
             raise ValueError(f'{where} does not hold class labels (int, str or ClassLabel): {e}') from None
         if labels.ndim != 1:
             raise ValueError(f'{where} does not hold one class label per row (shape {labels.shape})')
+        _check_label_range(labels, where)
         count = int(labels.max()) + 1 if len(labels) else 0
         if class_names is not None:
             names = list(class_names)
@@ -134,6 +135,24 @@ def load_labelled(
         ds=ds, labels=labels, num_classes=count, class_names=names, source=source, split=split,
         image_column=image_column, label_column=label_column,
     )
+
+
+MAX_CLASSES = 100_000  # a head this wide is a data error long before it is a dataset (ImageNet-21k: 21,843)
+
+
+def _check_label_range(labels: np.ndarray, where: str) -> None:
+    """Integer labels set the head size (max + 1): one stray label 1,000,000 among 10 classes would build a
+    1,000,001-class head (gigabytes). Refused: a max label above :data:`MAX_CLASSES`, or more than 10x the number
+    of distinct labels (and above 1000, so small subsets of a dataset with gaps still pass)."""
+    if not len(labels):
+        return
+    top = int(labels.max())
+    distinct = len(np.unique(labels))
+    if top + 1 > MAX_CLASSES or (top + 1 > 1000 and top + 1 > 10 * distinct):
+        row = int(np.argmax(labels))
+        raise ValueError(f'{where} has label {top} (row {row}) far outside the {distinct} distinct labels seen: the '
+                         f'head would need {top + 1} outputs; fix or drop that row (or choose the label column with '
+                         f'--label-column)')
 
 
 def check_num_classes(data_classes: int, expected: int, label_column: str = 'label', source=None,

@@ -34,6 +34,7 @@ class Release:
     crop_pct: float = 1.0  # evaluation crop of the tag's cfg
     published: bool = False  # uploaded to the Hugging Face Hub
     revision: Optional[str] = None  # Hub commit to pin once published
+    sha256: Optional[str] = None  # of model.safetensors: loading the tag from a Hub cache checks it (_spot_builder)
 
     @property
     def name(self) -> str:
@@ -47,11 +48,15 @@ class Release:
 # Newest first per model: the first row of a model is its default tag.
 RELEASES: Tuple[Release, ...] = (
     # v2: all three models of one 64-px CIFAR-10 run (the discriminator's fc6 kernel is 4; MODEL_CARD.md)
-    Release('alexnet_spot', 'spot_c10_64_v2', 64),
-    Release('alexnet_spot_discriminator', 'spot_c10_64_v2', 64),
-    Release('damage_repair_generator', 'spot_c10_64_v2', 64),
+    Release('alexnet_spot', 'spot_c10_64_v2', 64,
+            sha256='00b5b2a609fc14b8acb622be7cbd262f416f7457366a0cff97be18a1a64657e6'),
+    Release('alexnet_spot_discriminator', 'spot_c10_64_v2', 64,
+            sha256='9cf1506e2a066561cf0a8dfc681b607f4c35a5f3e137981cda76758b9c043b60'),
+    Release('damage_repair_generator', 'spot_c10_64_v2', 64,
+            sha256='45a280bc5f20fa9179e03857fb315d6f522b5ab9e07029217640c9daa06eac7a'),
     # v1: the backbone of the first short CPU run (CIFAR-10 at 64 px, MODEL_CARD.md)
-    Release('alexnet_spot', 'spot_c10_64', 64),
+    Release('alexnet_spot', 'spot_c10_64', 64,
+            sha256='a1073cb5b8edb1ea477200c737f9e8b83fd389a0029f05bd9dfb25fb46245d5c'),
 )
 
 

@@ -123,6 +123,25 @@ def offline_routes(model: str, tag: Optional[str], hub_id: Optional[str] = None)
         f"timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors')).")
 
 
+def _check_local_dir_architecture(variant: str, folder: Any) -> None:
+    """A ``local-dir:`` folder whose config.json names another architecture than its weights (safetensors
+    metadata written by ``python -m hub export``) fails deep inside timm with an unrelated AttributeError: name both."""
+    import json
+    import os
+    import struct
+    path = os.path.join(str(folder), 'model.safetensors')
+    try:
+        with open(path, 'rb') as f:
+            (n,) = struct.unpack('<Q', f.read(8))
+            meta = json.loads(f.read(min(n, 100 << 20)).decode('utf-8')).get('__metadata__') or {}
+    except (OSError, ValueError, struct.error):
+        return  # timm's own loading names a missing or unreadable file
+    arch = meta.get('architecture')
+    if arch and arch != variant:
+        raise RuntimeError(f'local folder {folder}: config.json names architecture {variant!r} but model.safetensors '
+                           f'holds {arch!r} weights; fix "architecture" in config.json (or load the {variant} folder)')
+
+
 def _check_source(variant: str, kwargs: dict) -> Tuple[str, Any]:
     """(load_from, location) timm will use; raises early for no weights, or an uncached repo while offline."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
@@ -139,6 +158,8 @@ def _check_source(variant: str, kwargs: dict) -> Tuple[str, Any]:
             + '. Train them with train_scripts/pretrain.py and load the run\'s file with '
               f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='"
               f"{variant}.safetensors')), or pass pretrained=False for random init.")
+    if load_from == 'local-dir':
+        _check_local_dir_architecture(variant, loc)
     if load_from == 'hf-hub':
         hub_id = loc[0] if isinstance(loc, tuple) else loc
         if not _in_hf_cache(hub_id):
@@ -159,6 +180,31 @@ def upcast_state_dict(state_dict: dict) -> dict:
             for k, v in state_dict.items()}
 
 
+def verify_release_file(variant: str, kwargs: dict, loc: Any) -> None:
+    """A release loaded from a Hub cache must be the file the release table names (``Release.sha256``): a
+    corrupted or swapped cached model.safetensors otherwise loads silently. No-op for releases without a hash and
+    for other sources (local files, other repos)."""
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    rel = find_release(variant, cfg.tag) if cfg.tag else None
+    if rel is None or not rel.sha256:
+        return
+    hub_id = loc[0] if isinstance(loc, tuple) else loc
+    repo, _, revision = str(hub_id).partition('@')
+    if repo != rel.repo_id:
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models._hub import HF_SAFE_WEIGHTS_NAME
+    path = try_to_load_from_cache(repo, HF_SAFE_WEIGHTS_NAME, revision=revision or None)
+    if not isinstance(path, str):
+        return
+    from timm_spot.eval.labelled import file_sha256
+    if file_sha256(path) != rel.sha256:
+        raise RuntimeError(f'{path} ({rel.name}) does not match the sha256 of the release in '
+                           f'timm_spot/models/_releases.py: the cached file is corrupt or was replaced; delete it '
+                           f'and load again (or seed the cache anew with python -m hub cache --all)')
+
+
 def build_spot_model(
         model_cls: Type[nn.Module],
         variant: str,
@@ -172,7 +218,11 @@ def build_spot_model(
     source = _weights_source(variant, kwargs.get('pretrained_cfg_overlay'), kwargs.get('pretrained_cfg'))
     load_from, loc = _check_source(variant, kwargs)
     try:
-        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
+        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn,
+                                     **kwargs)
+        if load_from == 'hf-hub':
+            verify_release_file(variant, kwargs, loc)
+        return model
     except TypeError:
         raise  # an unknown constructor argument: timm's own message is already precise
     except RuntimeError as e:
