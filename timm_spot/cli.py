@@ -86,8 +86,11 @@ def _add_data_args(p: argparse.ArgumentParser, img_size: int) -> None:
                         'memory only, results do not depend on it)')
     p.add_argument('--workers', type=int, default=0, help='DataLoader workers (default 0)')
     p.add_argument('--cache-dir', default=None,
-                   help='feature cache folder (default: $TIMM_SPOT_CACHE/features or ~/.cache/timm_spot/features)')
-    p.add_argument('--no-cache', action='store_true', help='do not read or write cached features')
+                   help='feature cache folder (default: $TIMM_SPOT_CACHE/features, else '
+                        '$XDG_CACHE_HOME/timm_spot/features, else ~/.cache/timm_spot/features); its oldest files '
+                        'are deleted beyond $TIMM_SPOT_FEATURE_CACHE_GB (default 2) GB')
+    p.add_argument('--no-feature-cache', '--no-cache', dest='no_cache', action='store_true',
+                   help='do not read or write cached features (also: TIMM_SPOT_FEATURE_CACHE=0)')
     p.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
 
 
@@ -106,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-spot', description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--threads', type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice; 1 can be faster on a busy machine)")
+                        help='torch intra-op threads (default: one per idle core, i.e. cores minus the 1-minute '
+                             'load average, at least 1, as the trainer picks them)')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
 
     p = sub.add_parser('probe', help='layerwise linear probes (Tables 4/5)')
@@ -406,10 +410,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads is not None and args.threads < 1:
         print(f'error: --threads must be a positive integer, got {args.threads}', file=sys.stderr)
         return 2
-    if args.threads:
+    if args.threads or args.command in ('probe', 'transfer', 'figure', 'spot'):  # timm's scripts: only if asked
         import torch
 
-        torch.set_num_threads(args.threads)
+        from timm_spot.threads import default_threads
+
+        torch.set_num_threads(args.threads or default_threads())
     handlers = {'probe': cmd_probe, 'transfer': cmd_transfer, 'figure': cmd_figure, 'spot': cmd_spot}
     handler = handlers.get(args.command, cmd_timm)
     try:
