@@ -7,6 +7,7 @@ Subcommands::
     timm-spot figure     filters (Fig. 7a) | neighbors (Fig. 8) | gradcam (Fig. 9)  -> PNG
     timm-spot spot       one image with the discriminator's predicted artifact map overlaid -> PNG
     timm-spot timm-train / timm-validate / timm-inference   run timm's train.py / validate.py / inference.py
+    timm-spot hub        export / publish / cache (the repository's ``hub`` tooling: needs a timm-spot checkout)
 
 ``timm-spot <subcommand> --help`` lists the options. ``python -m timm_spot.cli`` works without installation.
 """
@@ -207,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f'path of {kind}.py or of a pytorch-image-models checkout '
                             f'(default: $TIMM_{kind.upper()}_SCRIPT or $TIMM_SCRIPTS_DIR)')
         p.add_argument('script_args', nargs=argparse.REMAINDER, help='-- then the timm script arguments')
+
+    p = sub.add_parser('hub', help='export / publish / cache: python -m hub (needs a timm-spot checkout)',
+                       description='Forwards to `python -m hub` (export a run to Hub model folders, publish, seed an '
+                                   'offline cache). That tooling lives in the timm-spot repository, not in the wheel: '
+                                   'run it from a checkout (or with the checkout on PYTHONPATH).')
+    p.add_argument('hub_args', nargs=argparse.REMAINDER, help='arguments of python -m hub')
     return parser
 
 
@@ -401,6 +408,23 @@ def cmd_timm(args) -> int:
         return 2
 
 
+def cmd_hub(args) -> int:
+    """``python -m hub`` when the checkout's ``hub`` package is importable, else a one-line explanation."""
+    import importlib.util
+
+    spec = importlib.util.find_spec('hub')
+    if spec is None or not os.path.isfile(os.path.join(os.path.dirname(spec.origin or ''), 'export.py')):
+        print('error: `timm-spot hub` needs a timm-spot checkout (the hub/ export/publish/cache tooling is not in the '
+              'wheel): git clone the timm-spot repository and run it from there. Loading released weights needs '
+              "no checkout: timm.create_model('hf-hub:timm-spot/<model>.<tag>', pretrained=True) or "
+              "'local-dir:DIR' / pretrained_cfg_overlay=dict(file=...).", file=sys.stderr)
+        return 2
+    from hub.__main__ import main as hub_main
+
+    hub_args = args.hub_args[1:] if args.hub_args[:1] == ['--'] else args.hub_args
+    return hub_main(hub_args) or 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -416,7 +440,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from timm_spot.threads import default_threads
 
         torch.set_num_threads(args.threads or default_threads())
-    handlers = {'probe': cmd_probe, 'transfer': cmd_transfer, 'figure': cmd_figure, 'spot': cmd_spot}
+    handlers = {'probe': cmd_probe, 'transfer': cmd_transfer, 'figure': cmd_figure, 'spot': cmd_spot,
+                'hub': cmd_hub}
     handler = handlers.get(args.command, cmd_timm)
     try:
         return handler(args)
