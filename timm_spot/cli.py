@@ -334,7 +334,8 @@ def cmd_figure(args) -> int:
     if args.figure == 'filters':
         model = create_backbone(args.model, args.weights, seed=args.seed, **_kv(args.model_kwargs))
         out = figures.filters_figure(model, args.out, scale=args.scale, per_filter=not args.global_norm)
-        print(f'wrote {out}')
+        caption = figures.filters_caption(model, per_filter=not args.global_norm)
+        print(f'wrote {out}: ' + ' '.join(caption))
     elif args.figure in ('neighbors', 'neighbours', 'nn'):
         model = create_backbone(args.model, args.weights, seed=args.seed, **_kv(args.model_kwargs))
         images, captions, source = _load_images(args.data, args.split, args.image_column, args.max_images,
