@@ -1,5 +1,5 @@
-"""Figures readable without the paper: the conv1 grid says when its filters look like noise, Grad-CAM has a title,
-a legend and a colour scale."""
+"""Figures readable without the paper (the conv1 grid says when its filters look like noise, Grad-CAM has a title,
+a legend and a colour scale) and pretrain.py --help naming every shipped config."""
 import timm
 import torch
 from PIL import Image
@@ -44,3 +44,15 @@ def test_gradcam_has_title_legend_and_colour_scale(tmp_path):
     bottom = [rgb.getpixel((x, rgb.height - 8)) for x in range(rgb.width)]
     assert tuple(figures.colormap(0.0).tolist()) in bottom and tuple(figures.colormap(1.0).tolist()) in bottom
     assert len(info) == 3
+
+
+def test_pretrain_help_lists_every_shipped_config():
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(repo, 'train_scripts', 'pretrain.py'), '--help'],
+                       capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS='400'))
+    assert r.returncode == 0
+    shipped = [f for f in os.listdir(os.path.join(repo, 'train_scripts', 'configs')) if f.endswith('.yaml')]
+    assert len(shipped) >= 6 and all(f in r.stdout for f in shipped), r.stdout
