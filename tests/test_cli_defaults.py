@@ -89,8 +89,10 @@ def test_cli_threads_default_is_the_trainers_idle_core_count(tmp_path, monkeypat
         torch.set_num_threads(before)
 
 
-def test_cli_hub_forwards_to_the_checkouts_hub_tooling(capsys):
+def test_cli_hub_forwards_to_the_checkouts_hub_tooling(capsys, tmp_path, monkeypatch):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(tmp_path)  # found from the installed package's location, not only from the working dir
+    assert cli._find_hub_checkout() == repo
     folder = os.path.join(repo, 'hub', 'alexnet_spot.spot_c10_64_v2')
     assert cli.main(['hub', 'publish', folder, '--repo-id', 'timm-spot/alexnet_spot.spot_c10_64_v2',
                      '--dry-run']) == 0
@@ -98,8 +100,7 @@ def test_cli_hub_forwards_to_the_checkouts_hub_tooling(capsys):
 
 
 def test_cli_hub_without_a_checkout_says_so(monkeypatch, capsys):
-    import importlib.util
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)  # as in a wheel install
+    monkeypatch.setattr(cli, '_find_hub_checkout', lambda: None)  # as in a wheel install
     assert cli.main(['hub', 'export', 'runs/demo']) == 2
     err = capsys.readouterr().err
     assert 'needs a timm-spot checkout' in err and 'hf-hub:' in err and 'local-dir:' in err

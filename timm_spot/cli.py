@@ -409,17 +409,28 @@ def cmd_timm(args) -> int:
         return 2
 
 
-def cmd_hub(args) -> int:
-    """``python -m hub`` when the checkout's ``hub`` package is importable, else a one-line explanation."""
-    import importlib.util
+def _find_hub_checkout() -> Optional[str]:
+    """The timm-spot checkout holding ``hub/`` (export, publish, cache): the working directory, or the folder
+    above an editable install's ``timm_spot``. None for a wheel install."""
+    import timm_spot
 
-    spec = importlib.util.find_spec('hub')
-    if spec is None or not os.path.isfile(os.path.join(os.path.dirname(spec.origin or ''), 'export.py')):
+    for root in (os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(timm_spot.__file__)))):
+        if all(os.path.isfile(os.path.join(root, 'hub', f)) for f in ('__main__.py', 'export.py', 'card.py')):
+            return root
+    return None
+
+
+def cmd_hub(args) -> int:
+    """``python -m hub`` of the checkout, else a one-line explanation (the tooling is not in the wheel)."""
+    root = _find_hub_checkout()
+    if root is None:
         print('error: `timm-spot hub` needs a timm-spot checkout (the hub/ export/publish/cache tooling is not in the '
               'wheel): git clone the timm-spot repository and run it from there. Loading released weights needs '
               "no checkout: timm.create_model('hf-hub:timm-spot/<model>.<tag>', pretrained=True) or "
               "'local-dir:DIR' / pretrained_cfg_overlay=dict(file=...).", file=sys.stderr)
         return 2
+    if root not in sys.path:
+        sys.path.insert(0, root)
     from hub.__main__ import main as hub_main
 
     hub_args = args.hub_args[1:] if args.hub_args[:1] == ['--'] else args.hub_args
