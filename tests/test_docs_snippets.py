@@ -67,18 +67,38 @@ PYTHON_BLOCKS = [pytest.param(code, id=f'{p.relative_to(REPO)}:{line}')
                  for p in _doc_files() for line, code in _blocks(p, 'python')]
 
 
+def _strip_comment(line: str) -> str:
+    """``line`` without its trailing shell comment (a ``#`` after whitespace, outside quotes)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in '\'"':
+            quote = ch
+        elif ch == '#' and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line
+
+
 def _commands(block: str):
-    """The block's commands: continuation lines joined, trailing comments dropped."""
+    """The block's commands: continuation lines joined, comments dropped (so appended flags are not commented
+    out)."""
     joined, cur = [], ''
     for line in block.splitlines():
-        cur += line
-        if cur.endswith('\\'):
-            cur = cur[:-1] + ' '
+        line = _strip_comment(line)
+        if line.rstrip().endswith('\\'):
+            cur += line.rstrip()[:-1] + ' '
             continue
-        if cur.strip() and not cur.strip().startswith('#'):
-            joined.append(re.sub(r'\s+#[^\'"]*$', '', cur).strip())
+        cur += line
+        if cur.strip():
+            joined.append(cur.strip())
         cur = ''
     return [re.sub(r'\s+', ' ', c) for c in joined]
+
+
+def test_comment_stripping():
+    assert _commands("a --x 'it # is' \\\n    --y \"q's\"   # the run's recipe\nb # c\n# only\n") == \
+        ["a --x 'it # is' --y \"q's\"", 'b']
 
 
 def _bash_commands():
@@ -167,7 +187,7 @@ def test_readme_command_runs(script, scratch, seeded_hf_cache):
         if re.search(pattern, cmd):
             cmd += ' ' + flags
     script = '\n'.join(script.splitlines()[:-1] + ['set -e', cmd])
-    rc, out = _run(['bash', '-c', script], scratch, _env(HOME=str(scratch / 'home')))
+    rc, out = _run(['bash', '-c', script], scratch, _env(HOME=str(scratch / 'home')), timeout=240)
     assert rc == 0, f'{cmd}\n{out}'
 
 
