@@ -15,13 +15,14 @@ Accepted ``--results`` layouts (values are top-1 accuracies in percent):
   results belong to ``alexnet_spot``.
 """
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from ._files import public_data_source
+from ._files import PathLike, public_data_source
 
 __all__ = ['normalize_results', 'render_card', 'split_front_matter', 'PAPER_RESULTS']
 
@@ -57,6 +58,7 @@ _CITATION = """@inproceedings{jenni2018spot,
 _MODEL_INFO = {
     'alexnet_spot': dict(
         pipeline_tag='image-feature-extraction',
+        model_type='image feature extraction (returns pooled conv5 features)',
         tags=['image-feature-extraction', 'timm', 'self-supervised', 'timm-spot', 'learning-to-spot-artifacts',
               'alexnet'],
         summary='AlexNet conv1..conv5 backbone pretrained without labels by learning to spot artifacts: the '
@@ -72,10 +74,13 @@ _MODEL_INFO = {
 
 # conv1..conv5 taps (after ReLU), e.g. for layerwise linear probes
 taps = timm.create_model({create_args}, features_only=True).eval()
+with torch.no_grad():
+    print(pooled.shape, conv5.shape, [t.shape for t in taps(x)])
 # fine-tuning with a new classifier: timm.create_model({create_args}, num_classes=10)""",
     ),
     'alexnet_spot_discriminator': dict(
         pipeline_tag='image-classification',
+        model_type='image classification (real vs. corrupt: one logit) with a per-cell artifact map',
         tags=['image-classification', 'image-feature-extraction', 'timm', 'self-supervised', 'timm-spot',
               'learning-to-spot-artifacts', 'alexnet', 'discriminator'],
         summary='The pretext discriminator C of "Learning to Spot Artifacts": AlexNet conv1..conv5 with BatchNorm '
@@ -83,23 +88,36 @@ taps = timm.create_model({create_args}, features_only=True).eval()
                 'drop-mask head (per conv5 cell: > 0 kept, < 0 artifact). For transfer use `alexnet_spot`.',
         io='`forward` takes timm-normalised images (this config\'s mean/std) and returns the real/corrupt logit; '
            '`forward_pretext(x)` takes images in [-1, 1] and returns (real logit, mask logits).',
-        snippet="""with torch.no_grad():
-    real_logit = model(x)                                   # [1, 1], > 0: looks real
-    real, mask = model.forward_pretext(x_in_minus1_to_1)    # mask logits [1, 1, H/16, W/16]""",
+        snippet="""# forward_pretext takes the image in [-1, 1] (as in pretraining), not timm-normalised
+x_pm1 = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+with torch.no_grad():
+    real_logit = model(x)                          # [1, 1], > 0: looks real
+    real, mask = model.forward_pretext(x_pm1)      # mask logits [1, 1, H/16, W/16], < 0: artifact
+print(real_logit.shape, mask.shape)""",
     ),
     'damage_repair_generator': dict(
-        pipeline_tag='image-to-image',
-        tags=['image-to-image', 'image-feature-extraction', 'timm', 'self-supervised', 'timm-spot',
-              'learning-to-spot-artifacts', 'autoencoder'],
+        # no pipeline tag: model(x) is timm's head on the generated image (a pooled 3-vector); the images come from
+        # autoencode() / damage_and_repair(), which no Hub pipeline calls (image-to-image would promise an image)
+        pipeline_tag=None,
+        pipeline_note='No `pipeline_tag`: `model(x)` returns the generated image average-pooled by timm\'s head '
+                      '(3 numbers), not an image, so neither image-to-image nor a feature-extraction pipeline '
+                      'would show what the model does; the images come from `autoencode(x)` and '
+                      '`damage_and_repair(x)` (below).',
+        model_type='generator (autoencoder with damage & repair; `model(x)` is a pooled 3-vector, images come '
+                   'from `autoencode` / `damage_and_repair`)',
+        tags=['timm', 'self-supervised', 'timm-spot', 'learning-to-spot-artifacts', 'autoencoder', 'generator'],
         summary='The damage & repair generator of "Learning to Spot Artifacts": an autoencoder (E, D) whose '
                 'encoder features are damaged by dropping whole cells and repaired by gated residual blocks; it '
                 'makes the real (autoencoded) and corrupt (repaired) images the discriminator learns to tell '
                 'apart.',
         io='Images in [-1, 1] (mean = std = 0.5 in timm\'s convention), H and W multiples of 16. '
            '`forward_features` returns the generated image (eval: autoencoded; train: damaged & repaired).',
-        snippet="""with torch.no_grad():
-    recon = model.autoencode(x_in_minus1_to_1)                      # real examples D(E(x))
-    corrupt, mask = model.damage_and_repair(x_in_minus1_to_1)        # corrupt examples and the drop mask""",
+        snippet="""# x is already in [-1, 1]: this model's mean = std = 0.5
+with torch.no_grad():
+    recon = model.autoencode(x)                    # real examples D(E(x)), [1, 3, H, W] in [-1, 1]
+    corrupt, mask = model.damage_and_repair(x)     # corrupt examples and the drop mask
+    pooled = model(x)                              # [1, 3]: timm's head pools the generated image
+print(recon.shape, corrupt.shape, mask.shape, pooled.shape)""",
     ),
 }
 
@@ -207,6 +225,20 @@ def _hf_dataset_id(source: Optional[str]) -> Optional[str]:
     return None
 
 
+def _data_text(source: Optional[str], datasets: Sequence[str]) -> str:
+    """The pretraining data as a published card names it: the public dataset, never a local path."""
+    if not source:
+        return 'not recorded'
+    if source == 'builtin':
+        return "scikit-image's bundled sample photographs (random crops)"
+    if source.startswith(('local:', '$TIMM_SPOT_DATA/')) or _hf_dataset_id(source) is None:
+        kind = 'Parquet' if source.endswith('.parquet') else 'Arrow' if source.endswith('.arrow') else 'local'
+        if datasets:
+            return f'`{datasets[0]}`, read from a {kind} copy, without labels'
+        return f'a {kind} copy of a dataset not named here, without labels'
+    return f'`{source}`, without labels'
+
+
 def split_front_matter(text: str) -> Tuple[dict, str]:
     """(YAML front matter as a dict, body) of a model card."""
     if not text.startswith('---\n'):
@@ -247,8 +279,16 @@ def render_card(
         has_training_config: bool = False,
         git_revision: Optional[str] = None,
         storage: Optional[Dict[str, Any]] = None,
+        data_description: Optional[str] = None,
 ) -> str:
-    """The README.md of one exported model folder."""
+    """The README.md of one exported model folder.
+
+    Published as is, so: no machine paths or run-folder names (the pretraining data is named by its public dataset
+    id), an explicit license, a pipeline tag only where the model's ``forward`` does what the pipeline promises,
+    a Usage snippet that runs as written (it makes its own image), and a git commit only when the tree was clean
+    (``git_revision`` ending in ``-dirty`` is reported as uncommitted changes, with a warning).
+    ``data_description``: a sentence replacing the generated "Pretraining data" entry.
+    """
     info = _MODEL_INFO[name]
     pcfg = config.get('pretrained_cfg', {})
     tag = metadata.get('pretrained_tag', 'spot_in1k')
@@ -261,12 +301,16 @@ def render_card(
     else:  # not recorded: what the tag stands for (export warns)
         ds_list = ['ILSVRC/imagenet-1k'] if tag.endswith('in1k') else []
 
-    front: Dict[str, Any] = {
-        'library_name': 'timm',
-        'license': pcfg.get('license', 'mit'),
-        'pipeline_tag': info['pipeline_tag'],
-        'tags': list(info['tags']),
-    }
+    license_id = pcfg.get('license') or 'mit'
+    front: Dict[str, Any] = {'library_name': 'timm', 'license': license_id}
+    if info['pipeline_tag']:
+        front['pipeline_tag'] = info['pipeline_tag']
+    front['tags'] = list(info['tags'])
+    warnings = list(warnings)
+    dirty = bool(git_revision) and git_revision.endswith('-dirty')
+    if dirty:
+        warnings.append('generated from a working tree with uncommitted changes: export again from a clean commit '
+                        'before publishing')
     if ds_list:
         front['datasets'] = ds_list
     if evaluations:
@@ -294,8 +338,9 @@ def render_card(
         lines += ['> **Note**', '>'] + [f'> - {w}' for w in warnings] + ['']
 
     lines += ['## Model details', '',
-              f'- **Model type:** {info["pipeline_tag"]} (timm architecture `{name}`, registered by the `timm-spot` '
-              f'package)']
+              f'- **Model type:** {info["model_type"]} (timm architecture `{name}`, registered by the `timm-spot` '
+              f'package)',
+              f'- **License:** `{license_id}` (weights trained and released by timm-spot under its license)']
     if num_params is not None:
         lines.append(f'- **Parameters (M):** {num_params / 1e6:.2f}')
     in_size = pcfg.get('input_size')
@@ -307,7 +352,7 @@ def render_card(
         f'- **Papers:** [{PAPER}]({PAPER_URL}) (Jenni & Favaro, CVPR 2018)',
         f'- **Original code:** {CODE_URL} (TensorFlow 1 demo; this is a PyTorch re-implementation, trained by '
         f'timm-spot, not the authors\' weights)',
-        f'- **Pretraining data:** {data_source or "not recorded"}',
+        f'- **Pretraining data:** {data_description or _data_text(data_source, ds_list)}',
         f'- **Constructor arguments (`model_args` in config.json):** `{json.dumps(config.get("model_args", {}))}`',
     ]
     if storage and storage.get('dtype') == 'bfloat16':
@@ -319,9 +364,11 @@ def render_card(
     elif storage:
         lines.append(f'- **Storage:** {storage.get("dtype", "float32")}, bit-exact with the trained weights.')
     lines += ['', info['io'], '']
+    if info.get('pipeline_note'):
+        lines += [info['pipeline_note'], '']
 
-    lines += ['## Usage', '', '```python', 'import timm', 'import torch',
-              'import timm_spot  # registers the timm-spot models with timm (pip install timm-spot)', '']
+    lines += ['## Usage', '', '```python', 'import numpy as np', 'import timm', 'import torch', 'from PIL import Image',
+              '', 'import timm_spot  # registers the timm-spot models with timm (pip install timm-spot)', '']
     if registry_ok and registry.get('equivalent', True):
         lines += [f"model = timm.create_model('{model_id}', pretrained=True).eval()",
                   '# or name this repo explicitly (reads its config.json):',
@@ -332,7 +379,10 @@ def render_card(
     lines += ['',
               'data_config = timm.data.resolve_model_data_config(model)',
               'transform = timm.data.create_transform(**data_config, is_training=False)',
-              'x = transform(img).unsqueeze(0)  # img: a PIL image', '',
+              '# a stand-in image so that this runs as is; yours: img = Image.open(path).convert(\'RGB\')',
+              "h, w = data_config['input_size'][1:]",
+              'img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))',
+              'x = transform(img).unsqueeze(0)', '',
               info['snippet'].format(create_args=create_args), '```', '']
     lines += ['Pin an exact revision (recommended for reproducible work): '
               f"`timm.create_model('hf-hub:{repo_id}@<commit>', pretrained=True)`; a default cfg can carry the "
@@ -383,14 +433,16 @@ def render_card(
               ', fine-tuned ' + PAPER_RESULTS['stl10']['fine-tuned'] + '. Pascal VOC (Table 3): ' +
               ', '.join(f'{k} {v}' for k, v in PAPER_RESULTS['voc'].items()) + '.', '']
 
+    if dirty:
+        code = f'uncommitted changes on top of git {git_revision[:-len("-dirty")]}'
+    else:
+        code = f'git {git_revision}' if git_revision else 'git commit unknown'
     lines += ['## Training', '',
-              f"- **Run:** `{metadata.get('training_run', 'unknown')}`",
               f"- **Training config sha256** (canonical JSON of the parsed config"
               f"{', shipped as `training_config.yaml`' if has_training_config else ''}): "
               f"`{metadata.get('training_config_sha256', 'none')}`",
-              f"- **Software:** timm-spot {metadata.get('timm_spot_version')} "
-              f"(git {git_revision or 'unknown'}), timm {metadata.get('timm_version')}, "
-              f"torch {metadata.get('torch_version')}",
+              f"- **Software:** timm-spot {metadata.get('timm_spot_version')}, timm {metadata.get('timm_version')}, "
+              f"torch {metadata.get('torch_version')}; this card from timm-spot {code}",
               f"- **Weights:** `model.safetensors` from the run file with sha256 "
               f"`{metadata.get('source_file_sha256', 'unknown')}` (the same metadata is in the file's header)"]
     if metrics and metrics.get('records'):
@@ -399,3 +451,99 @@ def render_card(
         lines.append(f"- **Log:** {metrics['records']} records in metrics.jsonl; last: {shown}")
     lines += ['', '## Citation', '', '```bibtex', _CITATION, '```', '']
     return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# refresh a shipped card
+# ----------------------------------------------------------------------------------------------------------------
+
+def _parse_log_line(body: str) -> Optional[Dict[str, Any]]:
+    """The ``metrics`` argument that rendered a card's "Log" line (the run folder is gone; the card kept it)."""
+    import re
+    m = re.search(r'^- \*\*Log:\*\* (\d+) records in metrics\.jsonl; last: (.*)$', body, re.M)
+    if not m:
+        return None
+    last: Dict[str, Any] = {}
+    for part in m.group(2).split(', '):
+        key, _, raw = part.partition(' ')
+        try:
+            val: Any = int(raw)
+        except ValueError:
+            try:
+                val = float(raw)
+            except ValueError:
+                val = raw
+        last[key] = val
+    return {'records': int(m.group(1)), 'last': last}
+
+
+def refresh_card(folder: PathLike, git_revision: Optional[str],
+                 data_description: Optional[str] = None) -> str:
+    """Re-render the README.md of a shipped ``hub/<model>.<tag>/`` folder from the folder's own files, so that a
+    change to the card's text reaches released folders without touching their weights, config or training config.
+
+    Inputs: config.json, the safetensors header's metadata, training_config.yaml (present or not), the
+    results file ``hub/results_<tag>.json`` beside the folder (if any), and the current card's ``datasets``,
+    ``> **Note**`` lines and "Log" line (the run folder that produced them is not shipped). Returns the new text.
+    """
+    from ._files import read_safetensors_header
+    from .export import registry_report
+
+    folder = Path(folder)
+    config = json.loads((folder / 'config.json').read_text(encoding='utf-8'))
+    header = read_safetensors_header(folder / 'model.safetensors')
+    metadata = dict(header.pop('__metadata__', {}))
+    name = config['architecture']
+    tag = config['pretrained_cfg']['tag']
+    old_front, old_body = split_front_matter((folder / 'README.md').read_text(encoding='utf-8'))
+    shapes = {k: tuple(v['shape']) for k, v in header.items()}
+    img_size = int(metadata['img_size']) if metadata.get('img_size') else None
+    registry = registry_report(name, config.get('model_args', {}), shapes, tag=tag, img_size=img_size)
+    results_file = folder.parent / f'results_{tag}.json'
+    evaluations = normalize_results(results_file, name) if results_file.is_file() else []
+    storage = None
+    if metadata.get('storage_check'):
+        storage = json.loads(metadata['storage_check'])
+    elif metadata.get('storage_dtype'):
+        storage = {'dtype': metadata['storage_dtype']}
+    notes = [line[4:] for line in old_body.splitlines() if line.startswith('> - ')]
+    num_params = sum(math.prod(s) for k, s in shapes.items() if not k.endswith('num_batches_tracked'))
+    if data_description is None and (folder / 'training_config.yaml').is_file():
+        import yaml
+        held = (yaml.safe_load((folder / 'training_config.yaml').read_text(encoding='utf-8')) or {}).get(
+            'holdout_per_class')
+        if held:
+            data_description = (_data_text(metadata.get('training_data'), old_front.get('datasets') or []) +
+                                f', minus the last {held} images of each class (held out for evaluation)')
+    return render_card(
+        name=name, repo_id=metadata.get('hf_hub_id') or f'timm-spot/{name}.{tag}', config=config,
+        metadata=metadata, registry=registry, evaluations=evaluations, metrics=_parse_log_line(old_body),
+        datasets=old_front.get('datasets'), data_source=metadata.get('training_data'), num_params=num_params,
+        warnings=notes, has_training_config=(folder / 'training_config.yaml').is_file(),
+        git_revision=git_revision, storage=storage, data_description=data_description)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m hub.card FOLDER...``: refresh the cards of shipped release folders (README.md only)."""
+    import argparse
+    import sys
+    from .export import _git_revision
+
+    p = argparse.ArgumentParser(prog='python -m hub.card', description=main.__doc__)
+    p.add_argument('folders', nargs='+', help='hub/<model>.<tag>/ folders')
+    p.add_argument('--allow-dirty', action='store_true', help='refresh from a tree with uncommitted changes')
+    args = p.parse_args(argv)
+    rev = _git_revision()  # before writing: the cards name the commit they were generated from
+    if rev and rev.endswith('-dirty') and not args.allow_dirty:
+        print('error: uncommitted changes: commit first (published cards name a clean commit) or pass '
+              '--allow-dirty', file=sys.stderr)
+        return 2
+    for folder in args.folders:
+        path = Path(folder) / 'README.md'
+        path.write_text(refresh_card(folder, rev), encoding='utf-8')
+        print(f'refreshed {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -134,6 +134,8 @@ def _assert_routes(msg: str, rel) -> None:
     assert f"local-dir:hub/{rel.name}" in msg
     assert 'python -m hub cache --all' in msg
     assert f"pretrained_cfg_overlay=dict(file='hub/{rel.name}/model.safetensors')" in msg
+    # routes without a checkout (pip users): the Hub repo id, a local copy of its files, the weights file alone
+    assert f"hf-hub:{rel.repo_id}" in msg and "local-dir:DIR" in msg and "file='DIR/model.safetensors'" in msg
 
 
 @pytest.mark.parametrize('how', ['HF_HUB_OFFLINE', 'unreachable'])

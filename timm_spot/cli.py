@@ -7,6 +7,7 @@ Subcommands::
     timm-spot figure     filters (Fig. 7a) | neighbors (Fig. 8) | gradcam (Fig. 9)  -> PNG
     timm-spot spot       one image with the discriminator's predicted artifact map overlaid -> PNG
     timm-spot timm-train / timm-validate / timm-inference   run timm's train.py / validate.py / inference.py
+    timm-spot hub        export / publish / cache (the repository's ``hub`` tooling: needs a timm-spot checkout)
 
 ``timm-spot <subcommand> --help`` lists the options. ``python -m timm_spot.cli`` works without installation.
 """
@@ -90,8 +91,11 @@ def _add_data_args(p: argparse.ArgumentParser, img_size: int) -> None:
                         'memory only, results do not depend on it)')
     p.add_argument('--workers', type=int, default=0, help='DataLoader workers (default 0)')
     p.add_argument('--cache-dir', default=None,
-                   help='feature cache folder (default: $TIMM_SPOT_CACHE/features or ~/.cache/timm_spot/features)')
-    p.add_argument('--no-cache', action='store_true', help='do not read or write cached features')
+                   help='feature cache folder (default: $TIMM_SPOT_CACHE/features, else '
+                        '$XDG_CACHE_HOME/timm_spot/features, else ~/.cache/timm_spot/features); its oldest files '
+                        'are deleted beyond $TIMM_SPOT_FEATURE_CACHE_GB (default 2) GB')
+    p.add_argument('--no-feature-cache', '--no-cache', dest='no_cache', action='store_true',
+                   help='do not read or write cached features (also: TIMM_SPOT_FEATURE_CACHE=0)')
     p.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
 
 
@@ -110,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-spot', description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--threads', type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice; 1 can be faster on a busy machine)")
+                        help='torch intra-op threads (default: one per idle core, i.e. cores minus the 1-minute '
+                             'load average, at least 1, as the trainer picks them)')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
 
     p = sub.add_parser('probe', help='layerwise linear probes (Tables 4/5)')
@@ -207,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f'path of {kind}.py or of a pytorch-image-models checkout '
                             f'(default: $TIMM_{kind.upper()}_SCRIPT or $TIMM_SCRIPTS_DIR)')
         p.add_argument('script_args', nargs=argparse.REMAINDER, help='-- then the timm script arguments')
+
+    p = sub.add_parser('hub', help='export / publish / cache: python -m hub (needs a timm-spot checkout)',
+                       description='Forwards to `python -m hub` (export a run to Hub model folders, publish, seed an '
+                                   'offline cache). That tooling lives in the timm-spot repository, not in the wheel: '
+                                   'run it from a checkout (or with the checkout on PYTHONPATH).')
+    p.add_argument('hub_args', nargs=argparse.REMAINDER, help='arguments of python -m hub')
     return parser
 
 
@@ -327,7 +338,8 @@ def cmd_figure(args) -> int:
     if args.figure == 'filters':
         model = create_backbone(args.model, args.weights, seed=args.seed, **_kv(args.model_kwargs))
         out = figures.filters_figure(model, args.out, scale=args.scale, per_filter=not args.global_norm)
-        print(f'wrote {out}')
+        caption = figures.filters_caption(model, per_filter=not args.global_norm)
+        print(f'wrote {out}: ' + ' '.join(caption))
     elif args.figure in ('neighbors', 'neighbours', 'nn'):
         model = create_backbone(args.model, args.weights, seed=args.seed, **_kv(args.model_kwargs))
         images, captions, source = _load_images(args.data, args.split, args.image_column, args.max_images,
@@ -401,6 +413,34 @@ def cmd_timm(args) -> int:
         return 2
 
 
+def _find_hub_checkout() -> Optional[str]:
+    """The timm-spot checkout holding ``hub/`` (export, publish, cache): the working directory, or the folder
+    above an editable install's ``timm_spot``. None for a wheel install."""
+    import timm_spot
+
+    for root in (os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(timm_spot.__file__)))):
+        if all(os.path.isfile(os.path.join(root, 'hub', f)) for f in ('__main__.py', 'export.py', 'card.py')):
+            return root
+    return None
+
+
+def cmd_hub(args) -> int:
+    """``python -m hub`` of the checkout, else a one-line explanation (the tooling is not in the wheel)."""
+    root = _find_hub_checkout()
+    if root is None:
+        print('error: `timm-spot hub` needs a timm-spot checkout (the hub/ export/publish/cache tooling is not in the '
+              'wheel): git clone the timm-spot repository and run it from there. Loading released weights needs '
+              "no checkout: timm.create_model('hf-hub:timm-spot/<model>.<tag>', pretrained=True) or "
+              "'local-dir:DIR' / pretrained_cfg_overlay=dict(file=...).", file=sys.stderr)
+        return 2
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from hub.__main__ import main as hub_main
+
+    hub_args = args.hub_args[1:] if args.hub_args[:1] == ['--'] else args.hub_args
+    return hub_main(hub_args) or 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -410,16 +450,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads is not None and args.threads < 1:
         print(f'error: --threads must be a positive integer, got {args.threads}', file=sys.stderr)
         return 2
-    if args.threads:
+    if args.threads or args.command in ('probe', 'transfer', 'figure', 'spot'):  # timm's scripts: only if asked
         import torch
 
-        torch.set_num_threads(args.threads)
+        from timm_spot.threads import default_threads
+
+        torch.set_num_threads(args.threads or default_threads())
     size = getattr(args, 'img_size', None)
     if size is not None and not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
         print(f'error: --img-size must be between {MIN_IMG_SIZE} and {MAX_IMG_SIZE} pixels, got {size}',
               file=sys.stderr)
         return 2
-    handlers = {'probe': cmd_probe, 'transfer': cmd_transfer, 'figure': cmd_figure, 'spot': cmd_spot}
+    handlers = {'probe': cmd_probe, 'transfer': cmd_transfer, 'figure': cmd_figure, 'spot': cmd_spot,
+                'hub': cmd_hub}
     handler = handlers.get(args.command, cmd_timm)
     try:
         return handler(args)

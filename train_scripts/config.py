@@ -687,16 +687,7 @@ def resolve_precision(run: RunConfig, device_type: str) -> Tuple[str, bool]:
 
 
 def default_threads(processes_here: int = 1) -> int:
-    """Torch threads per process when ``threads`` is null: the idle cores (cores minus the 1-minute load average,
-    at least 1) shared by this machine's processes. Never more threads than free cores: oversubscribed OpenMP
-    threads wait on each other."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # pragma: no cover
-        busy = 0.0
-    idle = max(1, int(round(cores - busy)))
-    return max(1, min(cores // max(1, processes_here), idle))
+    """Torch threads per process when ``threads`` is null: :func:`timm_spot.threads.default_threads` (shared with
+    the ``timm-spot`` command; imported here lazily, as importing ``timm_spot`` imports torch)."""
+    from timm_spot.threads import default_threads as _default_threads
+    return _default_threads(processes_here)

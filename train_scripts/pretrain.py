@@ -55,6 +55,12 @@ _FLAGS = [
 ]
 
 
+def _shipped_configs():
+    """The YAML files of train_scripts/configs/, read from the folder so that --help never leaves one out."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+    return sorted(f for f in os.listdir(folder) if f.endswith(('.yaml', '.yml')))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='pretrain.py',
@@ -64,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=config_lib.format_keys_help())
     parser.add_argument('--config', default=None,
-                        help='YAML config (default: train_scripts/configs/demo.yaml); shipped: imagenet.yaml, '
-                             'stl10.yaml, cifar10_64.yaml, demo.yaml')
+                        help='YAML config (default: train_scripts/configs/demo.yaml); shipped in '
+                             'train_scripts/configs/: ' + ', '.join(_shipped_configs()))
     parser.add_argument('--set', dest='overrides', action='append', nargs='+', default=[], metavar='KEY=VALUE',
                         help='override any config key (value parsed as YAML), repeatable')
     parser.add_argument('--stage', choices=('1', '2', 'both'), default=None, help='stages to run')

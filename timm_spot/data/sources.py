@@ -126,13 +126,7 @@ def load_image_source(
         elif os.path.sep in source and not os.path.exists(expanded) and source.startswith(('.', '/', '~')):
             raise FileNotFoundError(f'data source {source!r} does not exist')
         else:
-            try:
-                ds = datasets.load_dataset(source, split=split, streaming=streaming)
-            except (ConnectionError, TimeoutError) as e:  # offline (HF_HUB_OFFLINE=1) or no network
-                raise ValueError(
-                    f'data source {source!r}: cannot reach the Hugging Face Hub for this dataset id and it is not in '
-                    f'the local cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); connect to the '
-                    f'network (unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or pass a local file or folder') from None
+            ds = _load_hub_dataset(datasets, source, split, streaming)
 
     check_columns(ds, image_column, label_column, source=source)
     if not streaming and hasattr(ds, '__len__') and len(ds) == 0:
@@ -141,6 +135,34 @@ def load_image_source(
     if not decode and isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds
+
+
+class DatasetNotDownloadedError(ConnectionError, FileNotFoundError):
+    """A Hub dataset that is not in the local cache while the Hub cannot be reached. Also a FileNotFoundError, so
+    the ``timm-spot`` command and ``pretrain.py`` report it as an input error: one line, exit code 2."""
+
+
+def _load_hub_dataset(datasets, source: str, split: str, streaming: bool):
+    """``datasets.load_dataset`` of a Hub dataset id, failing at once with one clear line when it is not in the
+    local cache and the Hub cannot be reached (``datasets`` otherwise retries for about half a minute and ends in a
+    long traceback)."""
+    from timm_spot.models._spot_builder import hub_offline_reason
+
+    reason = hub_offline_reason()
+    if reason is None:
+        return datasets.load_dataset(source, split=split, streaming=streaming)
+    try:  # offline: the local datasets cache only
+        from unittest import mock
+
+        with mock.patch.object(datasets.config, 'HF_HUB_OFFLINE', True), \
+                mock.patch.object(datasets.config, 'HF_DATASETS_OFFLINE', True, create=True):
+            return datasets.load_dataset(source, split=split, streaming=streaming)
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
+        raise DatasetNotDownloadedError(
+            f'data source {source!r} is a Hugging Face Hub dataset that must be downloaded, and it is not in the '
+            f'local cache while the Hub cannot be reached ({reason}): run once with network access (unset '
+            f'HF_HUB_OFFLINE), or pass local files (Parquet/Arrow/image folder) with --data '
+            f'[{type(e).__name__}]') from None
 
 
 def check_columns(ds, image_column: str = 'image', label_column: Optional[str] = None, source: Any = None) -> None:

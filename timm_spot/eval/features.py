@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 __all__ = [
     'TARGET_DIM', 'pooled_grid', 'TapExtractor', 'FeatureSet', 'extract_features', 'load_or_extract',
-    'feature_cache_key', 'create_backbone', 'weights_fingerprint', 'eval_transform', 'tap_table',
+    'feature_cache_key', 'feature_cache_enabled', 'feature_cache_limit_bytes', 'prune_feature_cache',
+    'create_backbone', 'weights_fingerprint', 'eval_transform', 'tap_table',
 ]
 
 TARGET_DIM = 9200
@@ -345,6 +346,58 @@ def feature_cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+FEATURE_CACHE_GB_DEFAULT = 2.0
+
+
+def feature_cache_enabled() -> bool:
+    """False when ``TIMM_SPOT_FEATURE_CACHE`` is ``0``/``false``/``no``/``off``: probes then neither read nor
+    write cached features (the CLI's ``--no-feature-cache`` does the same for one command)."""
+    return os.environ.get('TIMM_SPOT_FEATURE_CACHE', '1').strip().lower() not in ('0', 'false', 'no', 'off')
+
+
+def feature_cache_limit_bytes() -> int:
+    """Size bound of the feature cache: ``TIMM_SPOT_FEATURE_CACHE_GB`` (default 2) GB. Probes of a few runs
+    otherwise leave several GB behind without anyone noticing."""
+    raw = os.environ.get('TIMM_SPOT_FEATURE_CACHE_GB')
+    try:
+        gb = float(raw) if raw not in (None, '') else FEATURE_CACHE_GB_DEFAULT
+    except ValueError:
+        raise ValueError(f'TIMM_SPOT_FEATURE_CACHE_GB must be a number of GB, got {raw!r}') from None
+    return max(0, int(gb * 1e9))
+
+
+def prune_feature_cache(cache_dir: str, limit_bytes: Optional[int] = None, keep: Sequence[str] = ()) -> List[str]:
+    """Delete the least recently used ``features-*.safetensors`` in ``cache_dir`` until the folder's cache files
+    total at most ``limit_bytes`` (default :func:`feature_cache_limit_bytes`); files in ``keep`` stay. Returns the
+    deleted paths."""
+    limit = feature_cache_limit_bytes() if limit_bytes is None else limit_bytes
+    keep = {os.path.abspath(k) for k in keep}
+    entries = []
+    for name in os.listdir(cache_dir):
+        if not (name.startswith('features-') and name.endswith('.safetensors')):
+            continue
+        path = os.path.join(cache_dir, name)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        entries.append((st.st_mtime, st.st_size, path))
+    total = sum(e[1] for e in entries)
+    removed = []
+    for _, size, path in sorted(entries):  # oldest (least recently used: reads touch the file) first
+        if total <= limit:
+            break
+        if os.path.abspath(path) in keep:
+            continue
+        try:
+            os.remove(path)
+        except OSError:
+            continue
+        total -= size
+        removed.append(path)
+    return removed
+
+
 def load_or_extract(
         cache_dir: Optional[str],
         key_parts: dict,
@@ -355,9 +408,10 @@ def load_or_extract(
 
     The key covers everything the features depend on (model name and kwargs, weights content hash or random seed,
     data source fingerprint, split, row indices, image size, crop, pooling target, dtype); the file name is its hash
-    and the full key is stored in the file's metadata.
+    and the full key is stored in the file's metadata. ``TIMM_SPOT_FEATURE_CACHE=0`` turns the cache off; after a
+    write the folder is pruned to :func:`feature_cache_limit_bytes` (least recently used files go first).
     """
-    if not cache_dir:
+    if not cache_dir or not feature_cache_enabled():
         return compute()
     os.makedirs(cache_dir, exist_ok=True)
     key = feature_cache_key(**key_parts)
@@ -365,6 +419,7 @@ def load_or_extract(
     if os.path.isfile(path):
         try:
             fs = FeatureSet.load(path)
+            os.utime(path)  # most recently used: pruned last
             if log is not None:
                 log(f'  features from cache {path}')
             fs.meta['cache'] = path
@@ -378,6 +433,10 @@ def load_or_extract(
     fs.save(path)
     fs.meta['cache'] = path
     fs.meta['cached'] = False
+    removed = prune_feature_cache(cache_dir, keep=[path])
     if log is not None:
-        log(f'  features cached to {path}')
+        log(f'  features cached to {path} (cache bound {feature_cache_limit_bytes() / 1e9:g} GB: '
+            f'TIMM_SPOT_FEATURE_CACHE_GB; off: TIMM_SPOT_FEATURE_CACHE=0 or --no-feature-cache)')
+        if removed:
+            log(f'  removed {len(removed)} least recently used cache file(s) to stay within the bound')
     return fs

@@ -62,7 +62,67 @@ def _save(image: Image.Image, out: str) -> str:
     return out
 
 
+def _with_header(canvas: Image.Image, lines: Sequence[str], footer: Optional[Image.Image] = None) -> Image.Image:
+    """``canvas`` under a white header of wrapped text (title, legend, caveats) and above ``footer``: a figure
+    that says what it shows without the paper open."""
+    font = _caption_font(12)
+    probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    width = max(canvas.width, 360)
+    wrapped = [w for line in lines for w in (_wrap(probe, line, font, width - 8) or [''])]
+    line_h = 15
+    head = 4 + line_h * len(wrapped) + 4
+    foot = footer.height + 4 if footer is not None else 0
+    out = Image.new('RGB', (width, head + canvas.height + foot), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    for i, text in enumerate(wrapped):
+        draw.text((4, 4 + i * line_h), text, fill=(0, 0, 0), font=font)
+    out.paste(canvas, (0, head))
+    if footer is not None:
+        out.paste(footer, (0, head + canvas.height + 2))
+    return out
+
+
+def _colorbar(width: int, low: str, high: str, height: int = 12) -> Image.Image:
+    """The heat-map colour scale with its end labels."""
+    font = _caption_font(12)
+    bar_w = max(60, width - 8 - 2 * 110)
+    out = Image.new('RGB', (max(width, bar_w + 230), height + 6), (255, 255, 255))
+    ramp = colormap(np.linspace(0, 1, bar_w))[None].repeat(height, axis=0)
+    out.paste(Image.fromarray(ramp), (114, 3))
+    draw = ImageDraw.Draw(out)
+    draw.text((4, 2), low, fill=(0, 0, 0), font=font)
+    draw.text((114 + bar_w + 6, 2), high, fill=(0, 0, 0), font=font)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- filters
+def filter_roughness(model: nn.Module) -> float:
+    """Median over conv1 filters of the mean squared difference of neighbouring taps over twice the filter's
+    variance: about 1 for white noise, near 0 for smooth (edge, colour-blob) filters."""
+    w = first_conv(model).weight.detach().float().cpu()
+    var = w.var(dim=(1, 2, 3)).clamp_min(1e-12)
+    dy = (w[:, :, 1:, :] - w[:, :, :-1, :]).pow(2).mean(dim=(1, 2, 3))
+    dx = (w[:, :, :, 1:] - w[:, :, :, :-1]).pow(2).mean(dim=(1, 2, 3))
+    return float(((dx + dy) / 2 / (2 * var)).median())
+
+
+NOISE_ROUGHNESS = 0.7  # above this the median filter is closer to noise than to a smooth pattern
+
+
+def filters_caption(model: nn.Module, per_filter: bool = True) -> List[str]:
+    """Title and, when the filters look like noise, the caveat printed above the filter grid."""
+    conv = first_conv(model)
+    n, _, kh, kw = conv.weight.shape
+    rough = filter_roughness(model)
+    lines = [f'conv1 filters ({n} x {kh}x{kw} RGB), '
+             + ('each contrast-stretched on its own' if per_filter else 'one contrast scale for all')
+             + f'; roughness {rough:.2f} (white noise ~1, smooth filters ~0)']
+    if rough > NOISE_ROUGHNESS:
+        lines.append('Caveat: most filters look like noise: this training did not shape them (the paper\'s '
+                     'Figure 7a shows ImageNet-trained filters); read the probes, not this picture.')
+    return lines
+
+
 def first_conv(model: nn.Module) -> nn.Conv2d:
     """The input convolution: the pretrained cfg's ``first_conv``, else the first Conv2d on RGB input."""
     name = getattr(model, 'pretrained_cfg', {}).get('first_conv') if hasattr(model, 'pretrained_cfg') else None
@@ -104,7 +164,7 @@ def filters_figure(model: nn.Module, out: str, scale: int = 4, pad: int = 1, col
         patch = Image.fromarray(patch).resize((kw * scale, kh * scale), Image.NEAREST)
         r, c = divmod(i, cols)
         canvas.paste(patch, (pad + c * cell_w, pad + r * cell_h))
-    return _save(canvas, out)
+    return _save(_with_header(canvas, filters_caption(model, per_filter)), out)
 
 
 # ------------------------------------------------------------------------------------------- nearest neighbours
@@ -391,7 +451,13 @@ def gradcam_figure(model: nn.Module, images: Sequence[Image.Image], out: str, im
         if font is not None:
             draw.text((x0 + 2, y0 + 2 * (tile + 6) + 1), f'p(real)={p_real:.2f}', fill=(0, 0, 0), font=font)
         info.append(dict(p_real=p_real, judged='real' if p_real >= 0.5 else 'artifacts'))
-    return _save(canvas, out), info
+    title = {'predicted': "the discriminator's own decision", 'real': 'the class "real"',
+             'corrupt': 'the class "corrupt"'}[target]
+    lines = [f'Grad-CAM at conv5 of the real-vs-corrupt discriminator: evidence for {title}',
+             'Top: input; bottom: its heat map (bright = strong evidence, scale below). Border green: judged real '
+             '(p(real) >= 0.5); red: judged to hold artifacts.']
+    figure = _with_header(canvas, lines, _colorbar(canvas.width, 'low evidence', 'high evidence'))
+    return _save(figure, out), info
 
 
 @torch.no_grad()

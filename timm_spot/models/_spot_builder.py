@@ -108,9 +108,16 @@ def offline_routes(model: str, tag: Optional[str], hub_id: Optional[str] = None)
         folder = f'hub/{rel.name}'
         state = (f'{rel.repo_id} is published on the Hub' if rel.published else
                  f'{rel.repo_id} is not published on the Hub yet')
+        # the routes a pip (wheel) user has come first: hub/ is in the repository, not in the wheel
+        get = ('download its four files once (`hf download ' + rel.repo_id + ' --local-dir DIR`)' if rel.published
+               else 'copy the folder ' + folder + '/ (four files) from the timm-spot repository to DIR')
         return (
-            f'{state}; its weights ship with the timm-spot repository in {folder}/. Offline routes:\n'
-            f"  timm.create_model('local-dir:{folder}', pretrained=True)   # from the repository root\n"
+            f'{state}; its weights ship with the timm-spot repository in {folder}/. Routes:\n'
+            f"  timm.create_model('hf-hub:{rel.repo_id}', pretrained=True)   # online, once published\n"
+            f"  timm.create_model('local-dir:DIR', pretrained=True)   # without a checkout: {get}\n"
+            f"  timm.create_model('{rel.name}', pretrained=True, pretrained_cfg_overlay=dict(file='DIR/model.safetensors'))\n"
+            f'In a timm-spot checkout (repository root):\n'
+            f"  timm.create_model('local-dir:{folder}', pretrained=True)\n"
             f'  python -m hub cache --all --cache-dir DIR   # seeds a Hugging Face cache with every shipped release;\n'
             f"      then HF_HUB_CACHE=DIR HF_HUB_OFFLINE=1 and timm.create_model('{rel.name}', pretrained=True)\n"
             f"  timm.create_model('{rel.name}', pretrained=True, "
