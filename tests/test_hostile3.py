@@ -361,7 +361,7 @@ def test_hub_dataset_id_offline_is_one_line(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = _one_line(proc.stderr)
-    assert 'someone/no-such-dataset' in line and 'cannot reach the Hugging Face Hub' in line
+    assert 'someone/no-such-dataset' in line and 'must be downloaded' in line and 'Hub cannot be reached' in line
 
 
 def test_output_dir_that_is_a_file_or_read_only(tmp_path, monkeypatch, capsys):
