@@ -128,7 +128,8 @@ def main(argv=None) -> int:
             total_loss = total_acc = 0.0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     model.eval()
-    save_file(model.backbone_state_dict(), args.out)
+    trunk = set(timm.create_model('alexnet_spot', num_classes=0).state_dict())  # the 4-way fc6/head are pretext-only
+    save_file({k: v for k, v in model.backbone_state_dict().items() if k in trunk}, args.out)
     meta = {'command': ' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
             'steps': steps, 'batch_size': args.batch_size, 'images': steps * args.batch_size,
             'gflop': steps * step_gflop, 'gflop_per_image': step_gflop / args.batch_size, 'bf16': use_bf16,
