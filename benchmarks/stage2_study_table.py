@@ -21,9 +21,11 @@ SHORTCUT = ('c_image_auc', 'shortcut_image_auc', 'c_cell_auc', 'shortcut_cell_au
 
 
 def last_record(run_dir: str, keys) -> dict:
-    """The last stage-2 values of ``keys`` in a run's metrics.jsonl (each key from the last record holding it)."""
+    """The last stage-2 values of ``keys`` in a run's metrics.jsonl (a run directory or the file itself; each key
+    from the last record holding it)."""
     out: dict = {}
-    with open(os.path.join(run_dir, 'metrics.jsonl'), encoding='utf-8') as f:
+    path = run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, 'metrics.jsonl')
+    with open(path, encoding='utf-8') as f:
         for line in f:
             rec = json.loads(line)
             if rec.get('stage') == 2:
@@ -97,7 +99,7 @@ def pairs(items):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--probes', nargs='+', required=True, help='probe_cifar10.py --json files')
-    p.add_argument('--runs', nargs='*', default=[], metavar='NAME=RUN_DIR')
+    p.add_argument('--runs', nargs='*', default=[], metavar='NAME=RUN_DIR_OR_METRICS_JSONL')
     p.add_argument('--shortcut', nargs='*', default=[], metavar='NAME=JSON')
     p.add_argument('--json', default=None)
     p.add_argument('--figure', default=None, help='PNG: probes per layer, and C against the shortcut')
