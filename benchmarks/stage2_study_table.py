@@ -34,7 +34,7 @@ def last_record(run_dir: str, keys) -> dict:
 
 
 COLORS = [(200, 30, 30), (30, 90, 200), (0, 150, 0), (230, 140, 0), (140, 50, 160), (0, 160, 160), (120, 120, 120),
-          (0, 0, 0), (180, 120, 60)]
+          (0, 0, 0), (180, 120, 60), (255, 0, 150), (100, 200, 0)]
 
 
 def draw(rows: dict, path: str) -> None:
@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     print('|' + '---|' * (head.count('|') - 1))
     for name, r in rows.items():
         probe = r.get('probe', {})
-        cells = [f'{probe[k][0]:.1f} +- {probe[k][1]:.1f}' if k in probe else '' for k in LAYERS]
+        cells = [(f'{probe[k][0]:.1f}' + (f' +- {probe[k][1]:.1f}' if probe[k][1] else '')) if k in probe else ''
+                 for k in LAYERS]  # +- : SD over probe seeds, where more than one was run
         fmt = lambda k: f'{r[k]:.2f}' if k in r else '-'  # noqa: E731
         print(f'| {name} | ' + ' | '.join(cells) + f' | {fmt("acc_real")} / {fmt("acc_corrupt")} | '
               f'{fmt("c_image_auc")} / {fmt("shortcut_image_auc")} | {fmt("c_cell_auc")} / '
