@@ -19,6 +19,7 @@ from PIL import Image
 import timm_spot  # noqa: F401
 from train_scripts import config as C
 from train_scripts import losses as L
+from train_scripts import optim as O
 from train_scripts.checkpoint import (atomic_save_safetensors, atomic_write, atomic_write_text, clean_partial,
                                       list_checkpoints, read_latest)
 from train_scripts.batches import (MapStyleBatches, StreamingBatches, StreamPosition, crop_params, figure_crop,
@@ -26,7 +27,7 @@ from train_scripts.batches import (MapStyleBatches, StreamingBatches, StreamPosi
 from train_scripts.gan import DCGANGenerator
 from train_scripts.history import HistoryBuffer
 from train_scripts.optim import learning_rate
-from train_scripts.stages import preserved_batchnorm_stats
+from train_scripts.modes import preserved_batchnorm_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,12 +112,12 @@ def test_accuracies():
 
 def test_decayed_parameters_cover_conv_linear_not_batchnorm():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-    names = {id(p) for p in L.decayed_parameters(net)}
+    names = {id(p) for p in O.decayed_parameters(net)}
     assert names == {id(net[0].weight), id(net[0].bias), id(net[3].weight), id(net[3].bias)}
-    assert {id(p) for p in L.decayed_parameters(net, include_biases=False)} == {id(net[0].weight), id(net[3].weight)}
-    assert {id(p) for p in L.bias_parameters(net)} == {id(net[0].bias), id(net[3].bias)}
+    assert {id(p) for p in O.decayed_parameters(net, include_biases=False)} == {id(net[0].weight), id(net[3].weight)}
+    assert {id(p) for p in O.bias_parameters(net)} == {id(net[0].bias), id(net[3].bias)}
     net[0].bias.grad = torch.ones(4)
-    L.scale_gradients(L.bias_parameters(net), 2.0)
+    O.scale_gradients(O.bias_parameters(net), 2.0)
     assert torch.equal(net[0].bias.grad, torch.full((4,), 2.0))
 
 
@@ -438,7 +439,7 @@ def test_stage1_autoencoder_loads_into_an_ablation_generator():
     """Ablations b/i/k reuse one stage-1 autoencoder: E and D load, the different repair network is left alone."""
     import timm
     import timm_spot  # noqa: F401
-    from train_scripts.trainer import load_stage1_weights
+    from train_scripts.networks import load_stage1_weights
 
     kw = dict(stem_width=8, widths=(8, 8, 8, 8))
     stage1 = timm.create_model('damage_repair_generator', **kw)

@@ -18,7 +18,7 @@ import timm
 import timm_spot  # noqa: F401
 from train_scripts import config as C
 from train_scripts import losses as L
-from train_scripts.corrupt import RepairStep
+from train_scripts.corrupt import RepairForward as RepairStep
 
 REPO = Path(__file__).resolve().parents[1]
 

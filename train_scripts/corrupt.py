@@ -6,7 +6,7 @@
 * :class:`GanFromNoise` (Table 1 ablation (l)): a DCGAN draws ``x_hat`` from noise; there is no mask.
 
 Each is called as ``source(x, phi, step) -> (x_hat, mask)`` with its own seeded draws, and says which network (if
-any) is trained against C: ``module`` (the forward Accelerate prepares), ``root`` and ``parameters``.
+any) is trained against C: ``module`` (the forward Accelerate prepares), ``root`` and ``trainable_parameters``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn as nn
 from .batches import TAG_MASK, TAG_NOISE, torch_generator
 
 
-class RepairStep(nn.Module):
+class RepairForward(nn.Module):
     """The repair forward Accelerate wraps (DDP must see it): x_hat = R(damage(phi, mask), mask), phi = E(x)."""
 
     def __init__(self, generator: nn.Module) -> None:
@@ -38,9 +38,9 @@ class DamageAndRepair:
                  device: torch.device, autocast) -> None:
         self.generator, self.theta, self.grid = generator, theta, grid
         self.seed, self.rank, self.device, self.autocast = seed, rank, device, autocast
-        self.parameters: List[torch.Tensor] = list(generator.repair_parameters())
-        self.root: Optional[nn.Module] = generator if self.parameters else None
-        self.module: Optional[nn.Module] = RepairStep(generator) if self.parameters else None
+        self.trainable_parameters: List[torch.Tensor] = list(generator.repair_parameters())
+        self.root: Optional[nn.Module] = generator if self.trainable_parameters else None
+        self.module: Optional[nn.Module] = RepairForward(generator) if self.trainable_parameters else None
 
     def set_modes(self) -> None:
         self.generator.set_pretraining_stage(2)
@@ -62,7 +62,7 @@ class GanFromNoise:
 
     def __init__(self, gan: nn.Module, grid: Tuple[int, int], seed: int, rank: int, device: torch.device) -> None:
         self.gan, self.grid, self.seed, self.rank, self.device = gan, grid, seed, rank, device
-        self.parameters: List[torch.Tensor] = list(gan.parameters())
+        self.trainable_parameters: List[torch.Tensor] = list(gan.parameters())
         self.root: Optional[nn.Module] = gan
         self.module: Optional[nn.Module] = gan
 

@@ -11,10 +11,9 @@ All functions compute in float32 whatever the autocast dtype of their inputs.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from timm_spot.models.damage_repair_generator import upsample_mask as _upsample_mask
@@ -224,48 +223,3 @@ def binary_auc(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         ranks = (sums / counts)[inverse]
     u = ranks[positives].sum() - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
-
-
-def decayed_parameters(module: nn.Module, trainable: Optional[Iterable[torch.Tensor]] = None,
-                       include_biases: bool = True) -> List[torch.Tensor]:
-    """Weights (and biases) of the conv / linear layers of ``module`` (not BatchNorm), optionally restricted to
-    ``trainable`` (the optimizer's parameters): what the TF code's l2 regularizers cover."""
-    allowed = None if trainable is None else {id(p) for p in trainable}
-    out: List[torch.Tensor] = []
-    seen = set()
-    for m in module.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)):
-            names = ('weight', 'bias') if include_biases else ('weight',)
-            for name in names:
-                p = getattr(m, name, None)
-                if isinstance(p, torch.Tensor) and p.requires_grad and id(p) not in seen and \
-                        (allowed is None or id(p) in allowed):
-                    seen.add(id(p))
-                    out.append(p)
-    return out
-
-
-def bias_parameters(module: nn.Module, trainable: Optional[Iterable[torch.Tensor]] = None) -> List[torch.Tensor]:
-    """Conv / linear biases of ``module`` (the TF code's variables named ``*/biases``)."""
-    allowed = None if trainable is None else {id(p) for p in trainable}
-    out = []
-    for m in module.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)):
-            b = getattr(m, 'bias', None)
-            if isinstance(b, torch.Tensor) and (allowed is None or id(b) in allowed):
-                out.append(b)
-    return out
-
-
-def scale_gradients(params: Iterable[torch.Tensor], factor: float) -> None:
-    """Multiply the gradients of ``params`` in place (the code's ``multiply_gradients`` with 2.0 on biases).
-
-    NOTE Adam divides the step by the running RMS of the gradient, so a constant gradient scale on a parameter
-    cancels out except against ``eps``: doubling bias gradients changes Adam's updates only marginally. The
-    option exists for fidelity to the code (it matters for SGD).
-    """
-    if factor == 1.0:
-        return
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(factor)

@@ -1,4 +1,5 @@
-"""Optimisation of one network: Adam with the recipe's settings, the L2 weight decay, the learning-rate schedule.
+"""Optimisation of one network: Adam with the recipe's settings, the L2 weight decay and the parameters it covers,
+bias-gradient scaling, the learning-rate schedule, and the stop on a non-finite loss.
 
 A :class:`NetworkUpdate` is one network's optimiser step as the stages use it: ``update(step, lr, objective,
 parts)`` sets the LR, adds the weight decay, stops on a non-finite loss, backpropagates (through Accelerate), scales
@@ -7,13 +8,48 @@ networks' gradients before applying either).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
 
 from .config import OptimConfig
-from .losses import bias_parameters, decayed_parameters, scale_gradients, weight_decay_loss
+from .losses import weight_decay_loss
+
+Backward = Callable[[torch.Tensor], None]  # ``accelerator.backward``: the loss's backward through Accelerate
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the message names it and the step."""
+
+
+class FiniteLossCheck:
+    """Stops the run on a NaN or infinite loss (on any process), naming the loss, the step and the checkpoint kept.
+
+    ``kept_checkpoint`` answers which checkpoint a stop leaves as the last good one (None: none written yet).
+    """
+
+    def __init__(self, accelerator, stage_number: int, kept_checkpoint: Callable[[], Optional[str]]) -> None:
+        self.accelerator, self.stage_number, self.kept_checkpoint = accelerator, stage_number, kept_checkpoint
+
+    def __call__(self, step: int, losses: Dict[str, torch.Tensor]) -> None:
+        acc = self.accelerator
+        # one host sync for all losses (this runs every step)
+        finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()]).tolist()
+        bad = [k for k, ok in zip(losses, finite) if not ok]
+        n_bad = len(bad)
+        if acc.num_processes > 1:
+            flag = torch.tensor([float(n_bad)], device=acc.device)
+            n_bad = int(acc.reduce(flag, 'sum').item())
+        if n_bad:
+            what = (f"loss {bad[0]!r} = {float(losses[bad[0]].detach().float().mean())}" if bad
+                    else 'a loss on another process')
+            keep = self.kept_checkpoint()
+            keep = f'the last good checkpoint {keep} is kept (resume with --resume)' if keep else \
+                'no checkpoint had been written yet'
+            raise NonFiniteLossError(
+                f'non-finite {what} at stage {self.stage_number} step {step} (process {acc.process_index}); '
+                f'stopping the run: {keep}. Lower the learning rate or check the data.')
 
 
 def learning_rate(step: int, total: int, optim: OptimConfig) -> float:
@@ -32,19 +68,63 @@ def learning_rate(step: int, total: int, optim: OptimConfig) -> float:
     return (base - end) * (1.0 - min(step, decay_steps) / decay_steps) + end
 
 
+def decayed_parameters(module: nn.Module, trainable: Optional[Iterable[torch.Tensor]] = None,
+                       include_biases: bool = True) -> List[torch.Tensor]:
+    """Weights (and biases) of the conv / linear layers of ``module`` (not BatchNorm), optionally restricted to
+    ``trainable`` (the optimizer's parameters): what the TF code's l2 regularizers cover."""
+    allowed = None if trainable is None else {id(p) for p in trainable}
+    out: List[torch.Tensor] = []
+    seen = set()
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)):
+            names = ('weight', 'bias') if include_biases else ('weight',)
+            for name in names:
+                p = getattr(m, name, None)
+                if isinstance(p, torch.Tensor) and p.requires_grad and id(p) not in seen and \
+                        (allowed is None or id(p) in allowed):
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+def bias_parameters(module: nn.Module, trainable: Optional[Iterable[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """Conv / linear biases of ``module`` (the TF code's variables named ``*/biases``)."""
+    allowed = None if trainable is None else {id(p) for p in trainable}
+    out = []
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)):
+            b = getattr(m, 'bias', None)
+            if isinstance(b, torch.Tensor) and (allowed is None or id(b) in allowed):
+                out.append(b)
+    return out
+
+
+def scale_gradients(params: Iterable[torch.Tensor], factor: float) -> None:
+    """Multiply the gradients of ``params`` in place (the code's ``multiply_gradients`` with 2.0 on biases).
+
+    NOTE Adam divides the step by the running RMS of the gradient, so a constant gradient scale on a parameter
+    cancels out except against ``eps``: doubling bias gradients changes Adam's updates only marginally. The
+    option exists for fidelity to the code (it matters for SGD).
+    """
+    if factor == 1.0:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
 class NetworkUpdate:
     """Adam over ``params`` of ``module`` (the trainable ones), with the weight decay of the recipe.
 
     The L2 weight decay ``wd * sum(w**2) / 2`` has the gradient ``wd * w``, which is exactly what Adam's (coupled)
-    ``weight_decay`` adds to the gradient: it is applied there, without a loss term and its backward (14 % of a CPU
-    stage-2 step), unless bias gradients are scaled (``bias_grad_mult``, which must scale the decay's gradient too).
-    Fused Adam where torch has it: one pass over all tensors instead of a Python loop of small ops (the 16.8 M-weight
-    fc6 made Adam ~10 % of a CPU step).
+    ``weight_decay`` adds to the gradient: it is applied there, without a loss term and its backward, unless bias
+    gradients are scaled (``bias_grad_mult``, which must scale the decay's gradient too). Fused Adam where torch has
+    it: one pass over all tensors instead of a Python loop of small ops. Its two collaborators: ``backward`` (the
+    loss's backward, through Accelerate) and ``check_finite`` (:class:`FiniteLossCheck`).
     """
 
     def __init__(self, module: nn.Module, params: List[torch.Tensor], optim: OptimConfig, device: torch.device,
-                 prefix: str, backward: Callable[[torch.Tensor], None],
-                 check_finite: Callable[[int, Dict[str, torch.Tensor]], None]) -> None:
+                 prefix: str, backward: Backward, check_finite: FiniteLossCheck) -> None:
         self.cfg, self.device, self.prefix = optim, device, prefix
         self.backward, self.check_finite = backward, check_finite
         self.decay = decayed_parameters(module, params, optim.weight_decay_biases)

@@ -167,7 +167,8 @@ def main(argv=None) -> int:
         return 0
     # lazy: --help, --print-config and config errors answer without loading torch and Accelerate
     from train_scripts.checkpoint import DiskFullError, disk_full_message, is_disk_full, read_latest
-    from train_scripts.trainer import NonFiniteLossError, Pretrainer
+    from train_scripts.optim import NonFiniteLossError
+    from train_scripts.trainer import Pretrainer
 
     try:
         Pretrainer(cfg).run()

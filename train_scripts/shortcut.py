@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .losses import STAT_NAMES, binary_auc, cell_statistics, upsample_mask  # noqa: F401 (STAT_NAMES re-exported)
+from .modes import preserved_batchnorm_stats
+
 
 def image_features(stats: torch.Tensor) -> torch.Tensor:
     """Per-image summary of cell statistics [B, M, N, S] -> [B, 4 S]: mean, std, min and max over the cells."""
@@ -87,8 +89,6 @@ class ShortcutMonitor:
     def __call__(self, generator: nn.Module, discriminator: nn.Module, autocast) -> Dict[str, float]:
         """``generator`` (E, D, R) as in stage 2 (R's BatchNorm on batch statistics, running buffers kept); C in
         eval mode (running statistics, no dropout)."""
-        from .stages import preserved_batchnorm_stats  # the stage step's own tool; stages does not import this file
-
         reals, hats, logits, mask_logits = [], [], [], []
         c_mode = discriminator.training
         discriminator.eval()

@@ -16,30 +16,30 @@ Stage 2 (damage & repair vs. discriminator), E and D frozen:
 * ``update: sequential``: C steps, then R's gradient is taken against the updated C; ``joint`` (the authors' code):
   both gradients are taken at the same C and applied together.
 
-Each stage object builds its networks' updates once (``__init__``) and then runs :meth:`step` per batch; the trainer
-(trainer.py) owns everything around it: data, seeding, logging, checkpoints, figures.
+Each stage object builds its networks' updates once (``__init__``, from a :class:`~train_scripts.context.StepContext`:
+what a step needs, nothing of the trainer) and then runs :meth:`step` per batch. Stage 2 creates the discriminator
+(and ablation (l)'s GAN) and hands them back as ``stage.disc`` and ``stage.gan``; the trainer (trainer.py) owns
+everything around the steps: data, seeding, logging, checkpoints, figures.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .batches import TAG_HISTORY, torch_generator
+from .context import StepContext
 from .corrupt import DamageAndRepair, GanFromNoise
 from .losses import (discriminator_accuracies, discriminator_objective, kept_cells_l2_loss, mask_accuracies,
                      reconstruction_loss, repair_objective, upsample_mask)
-from .optim import NetworkUpdate, learning_rate
-
-if TYPE_CHECKING:  # the trainer imports this module
-    from .trainer import Pretrainer
+from .modes import preserved_batchnorm_stats, without_grad_for
+from .optim import learning_rate
 
 phase = torch.profiler.record_function  # labels for benchmark.py --profile (no cost otherwise)
 
 
-class AutoencoderStep(nn.Module):
+class AutoencoderForward(nn.Module):
     """Stage 1 forward Accelerate wraps (DDP must see it): D(E(x))."""
 
     def __init__(self, generator: nn.Module) -> None:
@@ -50,7 +50,7 @@ class AutoencoderStep(nn.Module):
         return self.generator.autoencode(x)
 
 
-class PretextStep(nn.Module):
+class PretextForward(nn.Module):
     """Discriminator forward on images in [-1, 1]: (real logit [B], mask logits [B, 1, M, N] or None)."""
 
     def __init__(self, discriminator: nn.Module) -> None:
@@ -61,37 +61,6 @@ class PretextStep(nn.Module):
         return self.discriminator.forward_pretext(x)
 
 
-@contextlib.contextmanager
-def preserved_batchnorm_stats(module: nn.Module):
-    """Run ``module`` in train mode (batch statistics) without changing its BatchNorm running statistics.
-
-    The running buffers are swapped for copies during the forward (the copies absorb the update and are dropped);
-    restoring by an in-place copy would bump the version of tensors autograd saved for the backward.
-    """
-    saved = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
-            saved.append((m, m.running_mean, m.running_var, m.num_batches_tracked))
-            m.running_mean = m.running_mean.clone()
-            m.running_var = m.running_var.clone()
-            m.num_batches_tracked = m.num_batches_tracked.clone()
-    try:
-        yield
-    finally:
-        for m, mean, var, count in saved:
-            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
-
-
-@contextlib.contextmanager
-def without_grad_for(module: nn.Module):
-    """``module``'s parameters get no gradient inside (R's backward passes through C without touching it)."""
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        module.requires_grad_(True)
-
-
 def halves(t: Optional[torch.Tensor], b: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(t[:b], t[b:])`` of C's output on ``[real; corrupt]`` (``(None, None)`` without a mask head)."""
     return (None, None) if t is None else (t[:b], t[b:])
@@ -100,17 +69,17 @@ def halves(t: Optional[torch.Tensor], b: int) -> Tuple[Optional[torch.Tensor], O
 class Stage1:
     """Stage 1: the autoencoder (E, D, to_rgb) learns to reconstruct, L_auto of Eq. (3)."""
 
-    def __init__(self, t: 'Pretrainer') -> None:
+    def __init__(self, t: StepContext) -> None:
         cfg, acc, gen = t.cfg, t.accelerator, t.generator
-        self.t, self.total, self.weight = t, t.stage_totals[1], cfg.loss.ae_loss_weight
+        self.t, self.gen, self.total, self.weight = t, gen, t.totals[1], cfg.loss.ae_loss_weight
         gen.set_pretraining_stage(1)
-        self.ae = t.network_update(gen, list(gen.autoencoder_parameters()), stage=1, prefix='ae')
-        self.model, self.ae.optimizer = acc.prepare(AutoencoderStep(gen), self.ae.optimizer)
+        self.ae = t.network_update(gen, list(gen.autoencoder_parameters()), stage_number=1, prefix='ae')
+        self.model, self.ae.optimizer = acc.prepare(AutoencoderForward(gen), self.ae.optimizer)
         self.frozen: Dict[str, nn.Module] = {}  # modules the checkpoint saves beside Accelerate's prepared ones
         self.hashed = {'generator': gen}
 
     def set_modes(self) -> None:
-        self.t.generator.set_pretraining_stage(1)
+        self.gen.set_pretraining_stage(1)
 
     def step(self, step: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         lr = learning_rate(step, self.total, self.t.cfg.optim)
@@ -123,23 +92,25 @@ class Stage1:
 class Stage2:
     """Stage 2: C learns to spot the artifacts of damage & repair; R learns to hide them."""
 
-    def __init__(self, t: 'Pretrainer') -> None:
+    def __init__(self, t: StepContext) -> None:
         cfg, acc, gen = t.cfg, t.accelerator, t.generator
-        self.t, self.total, self.gen, self.w = t, t.stage_totals[2], gen, cfg.loss
+        self.t, self.total, self.gen, self.w = t, t.totals[2], gen, cfg.loss
         self.real_is_input = cfg.method.real_source == 'input'
         self.r_lr_factor = cfg.optim.r_lr_factor
+        self.gan: Optional[nn.Module] = None  # ablation (l)'s DCGAN, created here
         if cfg.method.generator == 'gan':
-            t.gan = t.create_gan()
-            self.source = GanFromNoise(t.gan, t.grid, t.seed, t.rank, t.device)
+            self.gan = t.networks.create_gan()
+            self.source = GanFromNoise(self.gan, t.grid, t.seed, t.rank, t.device)
         else:
             self.source = DamageAndRepair(gen, cfg.method.theta, t.grid, t.seed, t.rank, t.device, t.autocast)
-        t.discriminator = self.disc = t.create_discriminator()
+        self.disc = t.networks.create_discriminator()  # C, created here
         self.set_modes()
-        self.c_update = t.network_update(self.disc, list(self.disc.parameters()), stage=2, prefix='c')
-        self.c_model, self.c_update.optimizer = acc.prepare(PretextStep(self.disc), self.c_update.optimizer)
+        self.c_update = t.network_update(self.disc, list(self.disc.parameters()), stage_number=2, prefix='c')
+        self.c_model, self.c_update.optimizer = acc.prepare(PretextForward(self.disc), self.c_update.optimizer)
         self.r_update = None
-        if self.source.parameters:
-            self.r_update = t.network_update(self.source.root, self.source.parameters, stage=2, prefix='r')
+        if self.source.trainable_parameters:
+            self.r_update = t.network_update(self.source.root, self.source.trainable_parameters, stage_number=2,
+                                             prefix='r')
             self.source.module, self.r_update.optimizer = acc.prepare(self.source.module, self.r_update.optimizer)
         # the generator's E and D (and R without a repair network) are not prepared: the checkpoint saves them
         trains_generator = self.r_update is not None and isinstance(self.source, DamageAndRepair)
