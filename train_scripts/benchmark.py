@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Training throughput of the two pretraining stages (images/s): the trainer's own step functions, timed.
 
-Each variant builds a :class:`~train_scripts.trainer.Pretrainer` with the variant's settings (in a fresh process:
+Each variant builds a :class:`~train_scripts.context.StepContext` with the variant's settings (in a fresh process:
 Accelerate's precision is process-wide), then times the stages' own ``Stage1.step`` and ``Stage2.step`` (stages.py) on
 synthetic images in [-1, 1] (history buffer, both objectives, weight decay, NaN check and Adam included; data
-loading is not: it runs in worker processes, about 1,000 images/s per worker at 64 px). ``--warmup`` untimed steps,
+loading is not: it runs in worker processes). ``--warmup`` untimed steps,
 then ``--iters`` timed ones; images/s = batch / median step time. Each stage's FLOPs per image (counted by
 ``FlopCounterMode`` over one step) and its FLOP/s are printed next to the FLOP/s of one large convolution in the same
 precision (``conv peak``): how far the step is from what this machine's kernels can do.
@@ -91,44 +91,62 @@ def step_flops(step_fn, x: torch.Tensor, step: int) -> float:
     return float(counter.get_total_flops())
 
 
-def conv_peak_flops(trainer, warmup: int = 2, iters: int = 5) -> float:
+def conv_peak_flops(ctx, warmup: int = 2, iters: int = 5) -> float:
     """FLOP/s of one large 3x3 convolution (256 -> 256 channels, batch 32, 32x32) in the variant's precision and
     memory format: about the best this machine's convolution kernels reach, the yardstick for the step's rate."""
-    x = trainer.memory_format(torch.randn(32, 256, 32, 32, device=trainer.device))
-    w = torch.randn(256, 256, 3, 3, device=trainer.device)
+    x = ctx.memory_format(torch.randn(32, 256, 32, 32, device=ctx.device))
+    w = torch.randn(256, 256, 3, 3, device=ctx.device)
     flops = 2 * 32 * 256 * 32 * 32 * 256 * 9
     times = []
-    with torch.no_grad(), trainer.autocast():
+    with torch.no_grad(), ctx.autocast():
         for i in range(warmup + iters):
-            _sync(trainer.device)
+            _sync(ctx.device)
             t = time.perf_counter()
             torch.nn.functional.conv2d(x, w, padding=1)
-            _sync(trainer.device)
+            _sync(ctx.device)
             if i >= warmup:
                 times.append(time.perf_counter() - t)
     return flops / statistics.median(times)
 
 
-def build_trainer(args, tmp: str, **settings):
-    """A Pretrainer with the benchmark's settings (built-in data, no workers) and a fixed synthetic batch."""
+def build_context(args, tmp: str, **settings):
+    """The stages' :class:`StepContext` with the benchmark's settings (built-in data, no workers; no trainer) and a
+    fixed synthetic batch; returns ``(context, batch, mixed_precision)``."""
+    from timm_spot.run_layout import RunLayout
     from train_scripts import config as config_lib
-    from train_scripts.trainer import Pretrainer
+    from train_scripts.context import StepContext, make_accelerator
+    from train_scripts.history import HistoryBuffer
+    from train_scripts.networks import NetworkBuilder
 
     user = dict(data='builtin', img_size=args.img_size, batch_size=args.batch_size, output_dir=tmp,
                 threads=args.threads, progress=False, num_workers=0, history_batches=10,
                 cpu=args.device == 'cpu', **settings)
-    trainer = Pretrainer(config_lib.resolve(user))
-    trainer.stage_totals = {1: 10 ** 6, 2: 10 ** 6}
-    trainer.generator = trainer.create_generator()
+    cfg = config_lib.resolve(user)
+    accelerator, mixed_precision, channels_last = make_accelerator(cfg, RunLayout(os.path.abspath(tmp)))
+    networks = NetworkBuilder(cfg, accelerator.device)
+    m = cfg.method
+    history = HistoryBuffer(m.history_batches * cfg.schedule.batch_size, m.history_fraction, enabled=m.history)
+    ctx = StepContext(cfg, accelerator, networks, history, {1: 10 ** 6, 2: 10 ** 6},
+                      generator=networks.create_generator(), channels_last=channels_last)
     g = torch.Generator().manual_seed(0)
-    x = trainer.memory_format((torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g) * 2 - 1)
-                              .to(trainer.device))
-    return trainer, x
+    x = ctx.memory_format((torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g) * 2 - 1)
+                          .to(ctx.device))
+    return ctx, x, mixed_precision
+
+
+def build_stage(ctx, number: int):
+    """Stage ``number``'s step object, on an empty history buffer, its networks in training mode."""
+    from train_scripts.stages import Stage1, Stage2
+
+    ctx.history.clear()
+    stage = Stage1(ctx) if number == 1 else Stage2(ctx)
+    stage.set_modes()
+    return stage
 
 
 def set_parameter_layout(stage, channels_last: bool) -> None:
-    """4-D parameters of C and R (and their Adam states) channels-last, as the trainer made them before, or
-    contiguous, as it makes them now."""
+    """4-D parameters of C and R (and their Adam states) channels-last, or contiguous (as the trainer keeps
+    them)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     updates = [u for u in (stage.c_update, stage.r_update) if u is not None]
     for update in updates:
@@ -152,9 +170,8 @@ def ab_compare(args) -> dict:
     from timm_spot.models._spot_layers import reference_trunk
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, x = build_trainer(args, tmp, retain_freed_memory=False)
-        stage = trainer.build_stage(2)
-        stage.set_modes()
+        ctx, x, _ = build_context(args, tmp, retain_freed_memory=False)
+        stage = build_stage(ctx, 2)
         fast_trunk = stage.disc.features
         ref_trunk = reference_trunk(fast_trunk)
         switch = {
@@ -167,7 +184,7 @@ def ab_compare(args) -> dict:
         for r in range(args.ab_rounds):
             for on in ((True, False) if r % 2 == 0 else (False, True)):
                 switch(on)
-                times[on] += time_steps(lambda i, xx: stage.step(step + i, xx), x, 1, args.iters, trainer.device)
+                times[on] += time_steps(lambda i, xx: stage.step(step + i, xx), x, 1, args.iters, ctx.device)
                 step += args.iters + 1
         on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
     return {'change': args.ab, 'img_size': args.img_size, 'batch_size': args.batch_size,
@@ -176,17 +193,16 @@ def ab_compare(args) -> dict:
 
 
 def worker(args) -> dict:
-    """One variant, in this process: build the trainer, time its two step functions."""
+    """One variant, in this process: build the step context, time the two stages' step functions."""
     settings = dict(VARIANTS[args.variant])
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, x = build_trainer(args, tmp, **settings)
-        device = trainer.device
-        out = {'mixed_precision': trainer.mixed_precision, 'channels_last': trainer.channels_last,
+        ctx, x, mixed_precision = build_context(args, tmp, **settings)
+        device = ctx.device
+        out = {'mixed_precision': mixed_precision, 'channels_last': ctx.channels_last,
                'threads': torch.get_num_threads()}
         profiles = []
         for number in (1, 2):
-            stage = trainer.build_stage(number)
-            stage.set_modes()
+            stage = build_stage(ctx, number)
             step_fn = stage.step
             times = time_steps(step_fn, x, args.warmup, args.iters, device)
             med = statistics.median(times)
@@ -196,7 +212,7 @@ def worker(args) -> dict:
                                     'gflop_per_image': flops / args.batch_size / 1e9, 'gflop_per_s': flops / med / 1e9}
             if args.profile:
                 profiles.append(profile_steps(step_fn, x, args.profile, f'{args.variant} stage {number}'))
-        out['conv_peak_gflop_per_s'] = conv_peak_flops(trainer) / 1e9
+        out['conv_peak_gflop_per_s'] = conv_peak_flops(ctx) / 1e9
         if profiles:
             out['profile'] = '\n'.join(profiles)
     return out

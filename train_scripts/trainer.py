@@ -16,19 +16,16 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from timm_spot.run_layout import RunLayout
 
 from . import config as config_lib
-from .allocator import retain_freed_memory
 from .batches import TAG_TORCH, StreamPosition, derive_seed
 from .checkpoint import (CheckpointError, DiskFullError, atomic_write_text, dir_size, disk_full_message,
                          is_disk_full, load_frozen, load_process_state, read_latest, read_meta, save_checkpoint)
 from .config import PretrainConfig
-from .context import StepContext, to_memory_format
+from .context import StepContext, make_accelerator, to_memory_format
 from .history import HistoryBuffer
 from .metrics import Console, Meters, MetricsLog, ShortcutRecords, param_hash
 from .networks import NetworkBuilder, generator_needed_from_stage1, load_stage1_generator, stage1_file
@@ -38,31 +35,6 @@ from .run_dir import RunDirectory
 from .stages import Stage1, Stage2
 
 Stage = Union[Stage1, Stage2]
-
-
-def make_accelerator(cfg: PretrainConfig, layout: RunLayout):
-    """Accelerate for this machine and config; returns ``(accelerator, mixed_precision, channels_last)``."""
-    # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: Accelerate only picks its multi-CPU
-    # (gloo) mode when told to use the CPU
-    distributed_env = int(os.environ.get('LOCAL_RANK', -1)) != -1 or int(os.environ.get('WORLD_SIZE', 1)) > 1
-    use_cpu = cfg.run.cpu or (distributed_env and not torch.cuda.is_available())
-    device_type = 'cpu' if use_cpu or not torch.cuda.is_available() else 'cuda'
-    mixed_precision, channels_last = config_lib.resolve_precision(cfg.run, device_type)
-    if cfg.run.compile:  # a graph dynamo cannot compile runs eagerly, with a warning, instead of failing the run
-        torch._dynamo.config.suppress_errors = True
-    acc = Accelerator(
-        cpu=use_cpu,
-        mixed_precision=mixed_precision,
-        dynamo_backend='inductor' if cfg.run.compile else None,  # compiles the prepared forwards
-        log_with='tensorboard' if cfg.run.tensorboard else None,
-        project_config=ProjectConfiguration(project_dir=str(layout.root), logging_dir=str(layout.tensorboard)),
-    )
-    if acc.device.type == 'cpu':
-        local = int(os.environ.get('LOCAL_WORLD_SIZE', acc.state.num_processes))
-        torch.set_num_threads(cfg.run.threads or config_lib.default_threads(local))
-        if cfg.run.retain_freed_memory:
-            retain_freed_memory()
-    return acc, mixed_precision, channels_last
 
 
 class Pretrainer:
