@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from timm_spot.eval.labelled import file_sha256
+from timm_spot.hashing import file_sha256
 
 PathLike = Union[str, os.PathLike]
 
@@ -21,11 +21,6 @@ LFS_SUFFIXES = (
 )
 # The Hub also stores any file above 10 MB with LFS, whatever its name.
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
-
-
-def sha256_file(path: PathLike) -> str:
-    """Hex sha256 of a file (the LFS oid the Hub reports)."""
-    return file_sha256(str(path))
 
 
 def git_blob_sha1(path: PathLike) -> str:
@@ -46,7 +41,7 @@ def is_lfs_file(path: PathLike) -> bool:
 
 def blob_id(path: PathLike) -> str:
     """Name of the file's blob in a Hugging Face cache: sha256 for LFS files, the git blob sha1 otherwise."""
-    return sha256_file(path) if is_lfs_file(path) else git_blob_sha1(path)
+    return file_sha256(path) if is_lfs_file(path) else git_blob_sha1(path)
 
 
 def list_repo_files(folder: PathLike) -> List[Tuple[str, Path]]:
@@ -66,7 +61,7 @@ def list_repo_files(folder: PathLike) -> List[Tuple[str, Path]]:
 def describe_files(folder: PathLike) -> List[Dict[str, object]]:
     """[{'path', 'size', 'sha256', 'lfs'}] for every file of a repo folder."""
     return [
-        dict(path=rel, size=p.stat().st_size, sha256=sha256_file(p), lfs=is_lfs_file(p))
+        dict(path=rel, size=p.stat().st_size, sha256=file_sha256(p), lfs=is_lfs_file(p))
         for rel, p in list_repo_files(folder)
     ]
 

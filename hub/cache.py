@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from ._files import PathLike, blob_id, git_blob_sha1, list_repo_files, sha256_file
+from ._files import PathLike, blob_id, git_blob_sha1, list_repo_files, file_sha256
 
 __all__ = ['build_offline_cache', 'verify_offline_cache', 'repo_cache_folder', 'offline_env', 'shipped_releases',
            'HUB_DIR']
@@ -61,7 +61,7 @@ def _place_blob(src: Path, dst: Path) -> None:
 def _blob_ok(blob: Path) -> bool:
     name = blob.name
     if len(name) == 64:
-        return sha256_file(blob) == name
+        return file_sha256(blob) == name
     if len(name) == 40:
         return git_blob_sha1(blob) == name
     return False

@@ -487,7 +487,7 @@ def refresh_card(folder: PathLike, git_revision: Optional[str],
     ``> **Note**`` lines and "Log" line (the run folder that produced them is not shipped). Returns the new text.
     """
     from ._files import read_safetensors_header
-    from .export import registry_report
+    from .provenance import registry_report
 
     folder = Path(folder)
     config = json.loads((folder / 'config.json').read_text(encoding='utf-8'))
@@ -527,13 +527,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m hub.card FOLDER...``: refresh the cards of shipped release folders (README.md only)."""
     import argparse
     import sys
-    from .export import _git_revision
+    from .provenance import git_revision
 
     p = argparse.ArgumentParser(prog='python -m hub.card', description=main.__doc__)
     p.add_argument('folders', nargs='+', help='hub/<model>.<tag>/ folders')
     p.add_argument('--allow-dirty', action='store_true', help='refresh from a tree with uncommitted changes')
     args = p.parse_args(argv)
-    rev = _git_revision()  # before writing: the cards name the commit they were generated from
+    rev = git_revision()  # before writing: the cards name the commit they were generated from
     if rev and rev.endswith('-dirty') and not args.allow_dirty:
         print('error: uncommitted changes: commit first (published cards name a clean commit) or pass '
               '--allow-dirty', file=sys.stderr)

@@ -30,13 +30,11 @@ pretrained=True)`` would build from the registry (shapes and constructor argumen
 non-default constructor arguments load only through ``hf-hub:<repo>`` (whose config.json carries
 ``model_args``), which the export reports and the card says.
 """
-import inspect
 import json
 import os
 import platform
 import re
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +46,9 @@ import torch
 from timm_spot.run_layout import MODEL_NAMES, RunLayout
 
 from ._files import (PathLike, canonicalize_safetensors, describe_files, public_data_source, read_safetensors_header,
-                     sha256_file)
+                     file_sha256)
 from .card import normalize_results, render_card
+from .provenance import _import_models, _is_registered, git_revision, registry_report
 
 __all__ = [
     'MODEL_NAMES', 'EXPORT_FILES', 'RunInfo', 'ExportResult', 'load_run', 'export_model', 'export_run',
@@ -119,10 +118,6 @@ def target_folder(out_dir: PathLike, name: str, tag: str) -> Path:
         raise ValueError(f'{folder} resolves to {folder.resolve()}, outside --out {out}: remove the link or choose '
                          f'another --out')
     return folder
-
-
-def _import_models() -> None:
-    import timm_spot  # noqa: F401  (registers the models with timm)
 
 
 def canonical_config_hash(config: Any) -> str:
@@ -278,67 +273,6 @@ def describe_config_change(r: Dict[str, Any]) -> str:
     return f"{r['key']}: {r.get('old')!r} until stage {r.get('stage')} step {r.get('step')}, then {r.get('new')!r}"
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, list):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    return v
-
-
-def registry_report(name: str, model_args: Dict[str, Any], shapes: Dict[str, Sequence[int]],
-                    tag: Optional[str] = None, img_size: Optional[int] = None) -> Dict[str, Any]:
-    """Compare exported weights and constructor args with what the registry builds for ``name``.
-
-    ``timm.create_model(name, pretrained=True)`` builds the model from the registered defaults (it does not read
-    config.json's ``model_args``), so it can load the weights only when every tensor shape matches
-    (``loadable``), and reproduces the trained model only when no constructor argument differs
-    (``equivalent``). ``hf-hub:<repo>`` names read ``model_args`` and work either way. A tag not in the release
-    table yet is compared with the cfg its row will give (``img_size``, default 128).
-    """
-    import timm
-    from timm.models import get_model_args
-    _import_models()
-    if tag and not _is_registered(name, tag):
-        from timm_spot.models._releases import release_cfg
-        ref = timm.create_model(name, pretrained_cfg=release_cfg(name, tag, img_size or 128), device='meta')
-    else:
-        ref = timm.create_model(f'{name}.{tag}' if tag else name, device='meta')  # the tag's cfg may set args
-    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    shapes = {k: tuple(v) for k, v in shapes.items()}
-    mismatches = sorted(
-        f'{k}: exported {shapes.get(k, "missing")} vs registry {ref_shapes.get(k, "missing")}'
-        for k in set(ref_shapes) | set(shapes) if ref_shapes.get(k) != shapes.get(k)
-    )
-    defaults = {k: p.default for k, p in inspect.signature(type(ref).__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    defaults.update(get_model_args(ref))  # in_chans / num_classes / global_pool as the registry cfg sets them
-    # constructor args an entrypoint derives from the pretrained tag (e.g. the discriminator's fc6 kernel)
-    derived = {'head_kernel_size': getattr(getattr(ref, 'pre_logits', None), 'kernel_size', None)}
-    defaults.update({k: v for k, v in derived.items() if v is not None and k in defaults})
-    nondefault = {}
-    for k, v in model_args.items():
-        if k in defaults and _jsonable(defaults[k]) != _jsonable(v):
-            nondefault[k] = {'exported': _jsonable(v), 'registry': _jsonable(defaults[k])}
-    return dict(loadable=not mismatches, equivalent=not mismatches and not nondefault,
-                shape_mismatches=mismatches, nondefault_args=nondefault)
-
-
-def _git_revision() -> Optional[str]:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '')
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 @dataclass
 class ExportResult:
     name: str
@@ -349,12 +283,6 @@ class ExportResult:
     metadata: Dict[str, str]
     registry: Dict[str, Any]
     warnings: List[str]
-
-
-def _is_registered(name: str, tag: str) -> bool:
-    import timm
-    _import_models()
-    return f'{name}.{tag}' in timm.list_models(name, include_tags=True)
 
 
 def check_recorded_sha256(run_dir: PathLike, weights: Path) -> None:
@@ -369,7 +297,7 @@ def check_recorded_sha256(run_dir: PathLike, weights: Path) -> None:
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f'{record_path} is not valid JSON ({e}); restore it from the run') from None
     want = record.get(weights.name) if isinstance(record, dict) else None
-    if want and sha256_file(weights) != want:
+    if want and file_sha256(weights) != want:
         raise ValueError(f'{weights} does not match the sha256 recorded when the run wrote it ({record_path.name}): '
                          f'the file is corrupt or was modified since; export from an intact copy of the run')
 
@@ -546,7 +474,7 @@ def export_model(
         'training_run': run.run_name,
         'training_config_sha256': config_sha or 'none',
         'training_data': str(data_source) if data_source else 'unknown',
-        'source_file_sha256': sha256_file(src),
+        'source_file_sha256': file_sha256(src),
         'timm_spot_version': timm_spot.__version__,
         'timm_version': timm.__version__,
         'torch_version': torch.__version__.split('+')[0],
@@ -585,7 +513,7 @@ def export_model(
             name=name, repo_id=repo_id, config=config, metadata=metadata, registry=registry,
             evaluations=evaluations, metrics=run.metrics, datasets=datasets, data_source=data_source,
             num_params=sum(int(t.numel()) for k, t in tensors.items() if not k.endswith('num_batches_tracked')),
-            warnings=warns, has_training_config=run.config_path is not None, git_revision=_git_revision(),
+            warnings=warns, has_training_config=run.config_path is not None, git_revision=git_revision(),
             storage=storage,
         )
         (stage / CARD_NAME).write_text(card, encoding='utf-8')

@@ -45,7 +45,7 @@ def check_folder(folder: PathLike) -> Dict[str, Any]:
     """Validate an exported folder; returns what publish needs. Raises ValueError listing every problem."""
     import timm
     import timm_spot  # noqa: F401  (registers the models)
-    from .export import registry_report
+    from .provenance import registry_report
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from timm_spot.eval.labelled import file_sha256
+from timm_spot.hashing import file_sha256
 
 CHECKPOINT_DIR = 'checkpoints'
 LATEST = 'latest'
@@ -226,11 +226,6 @@ def read_meta(path: str) -> Dict[str, Any]:
         return json.load(f)
 
 
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a checkpoint file (the checksums in meta.json)."""
-    return file_sha256(path)
-
-
 def checkpoint_digests(path: str) -> Dict[str, str]:
     """sha256 of every file of a checkpoint directory (relative posix paths), ``meta.json`` excluded."""
     out = {}
@@ -239,7 +234,7 @@ def checkpoint_digests(path: str) -> Dict[str, str]:
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, path).replace(os.sep, '/')
             if rel != META:
-                out[rel] = sha256_file(full)
+                out[rel] = file_sha256(full)
     return dict(sorted(out.items()))
 
 
@@ -290,7 +285,7 @@ def verify_checkpoint(path: str) -> Optional[str]:
             if not os.path.isfile(full):
                 return f'file {rel} is missing'
             try:
-                actual = sha256_file(full)
+                actual = file_sha256(full)
             except OSError as e:
                 return f'file {rel} is unreadable: {e}'
             if actual != digest:

@@ -9,11 +9,12 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from timm_spot.hashing import file_sha256
 from timm_spot.models.damage_repair_generator import sample_drop_mask
 from timm_spot.run_layout import BACKBONE, DISCRIMINATOR, GAN, GENERATOR, RunLayout
 
 from .batches import TAG_FIGURE, figure_images, torch_generator
-from .checkpoint import atomic_save_safetensors, atomic_write_text, sha256_file
+from .checkpoint import atomic_save_safetensors, atomic_write_text
 from .config import PretrainConfig
 from .figure3 import figure3_rows, make_grid, save_png
 from .modes import eval_modes
@@ -72,7 +73,7 @@ class RunOutputs:
         longer matches: a flipped bit in a run's weights must not be published)."""
         record_path = str(self.layout.weights_sha256)
         record = _recorded_hashes(record_path)
-        record.update({os.path.basename(p): sha256_file(p) for p in paths})
+        record.update({os.path.basename(p): file_sha256(p) for p in paths})
         atomic_write_text(record_path, json.dumps(dict(sorted(record.items())), indent=1) + '\n')
 
     def _model_args(self) -> Dict[str, Any]:

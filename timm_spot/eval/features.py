@@ -218,7 +218,7 @@ class FeatureSet:
 
 def weights_fingerprint(weights: Optional[str], seed: int = 0) -> str:
     """Content hash of a weights file, or ``random-seed<N>`` for a random initialisation."""
-    from .labelled import file_sha256
+    from timm_spot.hashing import file_sha256
 
     return file_sha256(weights) if weights else f'random-seed{seed}'
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from timm_spot.data import decode_image, load_image_source
+from timm_spot.hashing import file_sha256
 
 __all__ = [
     'LabelledData', 'load_labelled', 'check_num_classes', 'ImageRows', 'collate_skip_none', 'subset_per_class',
@@ -206,15 +207,6 @@ def collate_skip_none(batch):
     if not batch:
         return None
     return torch.utils.data.default_collate(batch)
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes, streamed (huggingface_hub's own helper, the hash the Hub's LFS uses). The one
-    file-hash helper of the project: the Hub exporter and the checkpoints use it too."""
-    from huggingface_hub.utils.sha import sha_fileobj
-
-    with open(path, 'rb') as f:
-        return sha_fileobj(f).hex()
 
 
 def source_fingerprint(source: Optional[str]) -> str:

@@ -205,7 +205,7 @@ def verify_release_file(variant: str, kwargs: dict, loc: Any) -> None:
     path = try_to_load_from_cache(repo, HF_SAFE_WEIGHTS_NAME, revision=revision or None)
     if not isinstance(path, str):
         return
-    from timm_spot.eval.labelled import file_sha256
+    from timm_spot.hashing import file_sha256
     if file_sha256(path) != rel.sha256:
         raise RuntimeError(f'{path} ({rel.name}) does not match the sha256 of the release in '
                            f'timm_spot/models/_releases.py: the cached file is corrupt or was replaced; delete it '
