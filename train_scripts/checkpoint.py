@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 
 from timm_spot.hashing import file_sha256
 
-CHECKPOINT_DIR = 'checkpoints'
 LATEST = 'latest'
 META = 'meta.json'
 _NAME_RE = re.compile(r'^stage(\d+)_step(\d+)$')
@@ -172,10 +171,6 @@ def atomic_save_safetensors(state_dict: Dict[str, Any], path: str, metadata: Opt
     """``safetensors.torch.save_file`` of contiguous CPU copies, atomically."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {'format': 'pt'}))
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Try to break the pretraining, evaluation and Hub commands on purpose (issue 12) and tabulate what happens.
 
-    PYTHONPATH=. python tests/fault_scenarios.py [--work DIR] [--json FILE]
+    PYTHONPATH=. python benchmarks/fault_scenarios.py [--work DIR] [--json FILE]
 
 Each attempt is a command with bad input or an injected fault (bad data, bad configs, corrupt, truncated or hostile
 checkpoints, disk full, NaN, bad weights, hostile files). An earlier run's directory is snapshotted before every
@@ -293,16 +293,16 @@ def pretrain_scenarios(work: Path, table: Table) -> None:
     finally:
         accelerate.Accelerator.save_state = real
     table.add('disk', 'disk full in checkpoint 2 (torch zip writer)', r, o, e, 4)
-    from train_scripts import trainer
-    real_save = trainer.atomic_save_safetensors
+    from train_scripts import outputs
+    real_save = outputs.atomic_save_safetensors
 
     def enospc(*a, **k):
         raise OSError(28, 'No space left on device')
-    trainer.atomic_save_safetensors = enospc
+    outputs.atomic_save_safetensors = enospc
     try:
         r, o, e = capture(main, ['--config', cfg, '--output-dir', str(work / 'full2')])
     finally:
-        trainer.atomic_save_safetensors = real_save
+        outputs.atomic_save_safetensors = real_save
     table.add('disk', 'disk full writing the weights (ENOSPC)', r, o, e, 4)
     r, o, e = capture(main, ['--config', cfg, '--output-dir', str(work / 'nan'), '--set', 'debug_nan_at=2:1'])
     table.add('nan', 'NaN loss in stage 2', r, o, e, 3)
