@@ -48,7 +48,7 @@ from timm_spot.run_layout import MODEL_NAMES, RunLayout
 from ._files import (PathLike, canonicalize_safetensors, describe_files, public_data_source, read_safetensors_header,
                      file_sha256)
 from .card import normalize_results, render_card
-from .provenance import _import_models, _is_registered, git_revision, registry_report
+from .provenance import _import_models, _is_registered, _jsonable, git_revision, registry_report
 
 __all__ = [
     'MODEL_NAMES', 'EXPORT_FILES', 'RunInfo', 'ExportResult', 'load_run', 'export_model', 'export_run',
