@@ -33,8 +33,9 @@ declare -A RECIPES=(
   [C_coop01_norealhalf]="objective=spot_c10_64_v2 r_coop_mask_weight=0.1 r_real_half_grad=false"
   [D_joint]="objective=spot_c10_64_v2 r_coop_mask_weight=0.1 r_real_half_grad=false update=joint"
   [E_anti_shortcut]="objective=anti_shortcut"
+  [H_nohistory]="objective=spot_c10_64_v2 r_coop_mask_weight=0.1 r_real_half_grad=false history=false"
 )
-ONLY=${ONLY:-"A_release B_coop01 C_coop01_norealhalf E_anti_shortcut"}
+ONLY=${ONLY:-"A_release B_coop01 C_coop01_norealhalf D_joint E_anti_shortcut H_nohistory"}
 weights=()
 labels=()
 for seed in $SEEDS; do
