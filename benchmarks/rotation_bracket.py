@@ -77,12 +77,10 @@ def main(argv=None) -> int:
     cfg = config_lib.resolve(user)
     ds = open_source(cfg.data)
     size = cfg.augment.img_size
+    torch.manual_seed(args.seed)  # the initialisation and the dropout draws
     model = timm.create_model('alexnet_spot_discriminator', num_classes=4, mask_head=False,
-                              head_kernel_size=math.ceil(size / 16))
-    torch.manual_seed(args.seed)
-    model.train().to(memory_format=torch.channels_last)
-    for p_ in model.parameters():  # parameters contiguous, activations channels-last (the trainer's layout)
-        p_.data = p_.data.contiguous()
+                              head_kernel_size=math.ceil(size / 16)).train()
+    # parameters stay contiguous, activations are channels-last (the trainer's layout: step_fn's input)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.999), eps=1e-5)
     use_bf16 = config_lib.cpu_has_fast_bf16()
 

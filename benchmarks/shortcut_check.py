@@ -24,9 +24,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import timm_spot  # noqa: E402,F401
-from timm_spot.models.damage_repair_generator import sample_drop_mask  # noqa: E402
 from train_scripts import config as config_lib  # noqa: E402
-from train_scripts.batches import TAG_SHORTCUT, figure_images, open_source, torch_generator  # noqa: E402
+from train_scripts.batches import open_source  # noqa: E402
 from train_scripts.shortcut import ShortcutMonitor  # noqa: E402
 
 
@@ -66,13 +65,10 @@ def main(argv=None) -> int:
     disc = load('alexnet_spot_discriminator', args.discriminator, **disc_kwargs).float()
     gen.set_pretraining_stage(2)
     disc.train()
-    images = figure_images(open_source(cfg.data), cfg, args.images)
-    grid = cfg.grid
-    masks = sample_drop_mask(images.shape[0], grid[0], grid[1], cfg.method.theta,
-                             generator=torch_generator(args.seed, TAG_SHORTCUT))
-    out = ShortcutMonitor(images, masks)(gen, disc, lambda: torch.autocast('cpu', enabled=False))
+    monitor = ShortcutMonitor.for_config(open_source(cfg.data), cfg, args.images, args.seed)
+    out = monitor(gen, disc, lambda: torch.autocast('cpu', enabled=False))
     out = {k: round(v, 4) for k, v in out.items()}
-    out.update(generator=args.generator, discriminator=args.discriminator, images=int(images.shape[0]))
+    out.update(generator=args.generator, discriminator=args.discriminator, images=int(monitor.images.shape[0]))
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, 'w', encoding='utf-8') as f:

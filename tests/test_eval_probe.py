@@ -6,7 +6,8 @@ import torch
 
 import timm_spot  # noqa: F401
 from timm_spot.eval.features import FeatureSet, TapExtractor, pooled_grid, tap_table
-from timm_spot.eval.probe import ProbeConfig, format_table, train_linear_probes
+from timm_spot.eval.probe import (ProbeConfig, format_table, select_weight_decay, train_linear_probes,
+                                  train_probes_per_layer_wd)
 
 
 def _fs(features, labels, names=None):
@@ -112,3 +113,28 @@ def test_format_table_shape():
     assert lines[0].split()[1:] == ['conv1', 'conv2']
     assert '12.3%' in lines[1] and '50.0%' in lines[1]
     assert lines[2].rstrip().endswith('-')
+
+
+def test_weight_decay_is_chosen_per_layer_on_the_training_rows_only():
+    rng = np.random.default_rng(0)
+    k, n = 4, 400
+    y = rng.integers(0, k, size=n)
+    clean = np.eye(k)[y] * 3 + rng.normal(size=(n, k)) * 0.3  # separable: every decay reaches 100 %
+    # 300 pure-noise dims beside a weak signal: unregularised probes overfit the 320 fitting rows
+    noisy = np.concatenate([np.eye(k)[y] * 2.0 + rng.normal(size=(n, k)), rng.normal(size=(n, 300))], 1)
+    train = _fs([clean, noisy], y, names=['clean', 'noisy'])
+    cfg = ProbeConfig(epochs=30, batch_size=64, seed=0)
+    sweep = select_weight_decay(train, k, [0.0, 30.0], cfg)
+    assert sweep['noisy']['sweep'][30.0] > sweep['noisy']['sweep'][0.0] + 5  # decay helps the noisy layer...
+    assert sweep['noisy']['weight_decay'] == 30.0  # ...and is chosen for it
+    assert sweep['clean']['sweep'] == {0.0: 100.0, 30.0: 100.0}
+    assert sweep['clean']['weight_decay'] == 30.0  # ties go to the larger decay
+    # training with each layer's own decay equals training that layer alone with it
+    val = _fs([clean[:100], noisy[:100]], y[:100], names=['clean', 'noisy'])
+    per_layer = train_probes_per_layer_wd(train, val, k, {'clean': 0.0, 'noisy': 30.0}, cfg)
+    alone = train_linear_probes(_fs([noisy], y, names=['noisy']), _fs([noisy[:100]], y[:100], names=['noisy']), k,
+                                ProbeConfig(epochs=30, batch_size=64, seed=0, weight_decay=30.0))
+    assert per_layer['noisy']['top1'] == alone['noisy']['top1'] and per_layer['noisy']['weight_decay'] == 30.0
+    assert per_layer['clean']['weight_decay'] == 0.0 and list(per_layer)[:2] == ['clean', 'noisy']
+    with pytest.raises(ValueError, match='no candidate'):
+        select_weight_decay(train, k, [], cfg)

@@ -156,3 +156,12 @@ def test_joint_update_takes_both_gradients_at_the_same_c(tmp_path):
     for key in ('shortcut_image_auc', 'shortcut_cell_auc', 'c_image_auc', 'c_cell_auc', 'r_coop_class',
                 'r_coop_mask'):
         assert key in last, key
+
+
+def test_shortcut_records_follow_shortcut_every_whatever_log_every(tmp_path):
+    out = _run(tmp_path, 'cadence', objective='anti_shortcut', stage2_steps=4, log_every=2, shortcut_every=3)
+    recs = [json.loads(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]
+    stage2 = {r['step']: r for r in recs if r['stage'] == 2}
+    assert sorted(stage2) == [2, 3, 4]  # log steps 2, 4 and the monitor's step 3
+    assert [s for s, r in sorted(stage2.items()) if 'shortcut_image_auc' in r] == [3, 4]  # every 3 and at the end
+    assert 0.0 <= stage2[3]['shortcut_cell_auc'] <= 1.0 and 'r_cell_stats' in stage2[3]

@@ -12,12 +12,9 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from timm_spot.models.damage_repair_generator import sample_drop_mask
 from timm_spot.run_layout import RunLayout
 
-from .batches import TAG_SHORTCUT, figure_images, torch_generator
 from .config import PretrainConfig
-from .context import to_memory_format
 from .shortcut import ShortcutMonitor
 
 LINE_KEYS = ('ae_rec', 'c_total', 'c_class', 'c_mask', 'r_total', 'r_adv', 'r_rec', 'acc_real', 'acc_corrupt',
@@ -163,16 +160,18 @@ class ShortcutRecords:
         self.cfg, self.ds, self.accelerator, self.channels_last = cfg, ds, accelerator, channels_last
         self.monitor: Optional[ShortcutMonitor] = None
 
+    def due(self, stage_number: int, step: int, limit: int) -> bool:
+        """Whether a record is due at ``step`` (the same answer on every process: it decides a collective write)."""
+        every = self.cfg.run.shortcut_every
+        return stage_number == 2 and bool(every) and self.cfg.method.generator == 'damage_repair' and \
+            (step % every == 0 or step == limit)
+
     def __call__(self, stage_number: int, step: int, limit: int, generator: Optional[nn.Module],
                  discriminator: Optional[nn.Module]) -> Dict[str, float]:
-        cfg, every = self.cfg, self.cfg.run.shortcut_every
-        if stage_number != 2 or not self.accelerator.is_main_process or not every or discriminator is None or \
-                cfg.method.generator != 'damage_repair' or not (step % every == 0 or step == limit):
+        cfg = self.cfg
+        if not self.due(stage_number, step, limit) or not self.accelerator.is_main_process or discriminator is None:
             return {}
         if self.monitor is None:
-            device = self.accelerator.device
-            images = figure_images(self.ds, cfg, cfg.run.shortcut_images).to(device)
-            masks = sample_drop_mask(images.shape[0], cfg.grid[0], cfg.grid[1], cfg.method.theta,
-                                     generator=torch_generator(cfg.run.seed, TAG_SHORTCUT)).to(device)
-            self.monitor = ShortcutMonitor(to_memory_format(images, self.channels_last), masks)
+            self.monitor = ShortcutMonitor.for_config(self.ds, cfg, cfg.run.shortcut_images, cfg.run.seed).to(
+                self.accelerator.device, torch.channels_last if self.channels_last else None)
         return self.monitor(generator, discriminator, self.accelerator.autocast)

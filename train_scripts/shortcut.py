@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from timm_spot.models.damage_repair_generator import sample_drop_mask
+
+from .batches import TAG_SHORTCUT, figure_images, torch_generator
 from .losses import STAT_NAMES, binary_auc, cell_statistics, upsample_mask  # noqa: F401 (STAT_NAMES re-exported)
 from .modes import preserved_batchnorm_stats
 
@@ -84,6 +87,21 @@ class ShortcutMonitor:
 
     def __init__(self, images: torch.Tensor, masks: torch.Tensor, chunk: int = 64) -> None:
         self.images, self.masks, self.chunk = images, masks, chunk
+
+    @classmethod
+    def for_config(cls, ds, cfg, count: int, seed: int) -> 'ShortcutMonitor':
+        """The monitor set of a run: ``count`` images spread over ``ds`` (test preprocessing) and drop masks at the
+        config's theta, seeded by ``seed``; on the CPU (move with :meth:`to`)."""
+        images = figure_images(ds, cfg, count)
+        masks = sample_drop_mask(images.shape[0], cfg.grid[0], cfg.grid[1], cfg.method.theta,
+                                 generator=torch_generator(seed, TAG_SHORTCUT))
+        return cls(images, masks)
+
+    def to(self, device, memory_format=None) -> 'ShortcutMonitor':
+        images = self.images.to(device)
+        self.images = images if memory_format is None else images.contiguous(memory_format=memory_format)
+        self.masks = self.masks.to(device)
+        return self
 
     @torch.no_grad()
     def __call__(self, generator: nn.Module, discriminator: nn.Module, autocast) -> Dict[str, float]:

@@ -212,8 +212,8 @@ class Pretrainer:
     def after_step(self, number: int, step: int, limit: int, stage: Stage) -> None:
         """What the schedule asks for after ``step`` steps: a metrics record, a figure, a checkpoint, a snapshot."""
         run = self.cfg.run
-        if step % run.log_every == 0 or step == limit:
-            extra = self.shortcut(number, step, limit, self.generator, self.discriminator)
+        if step % run.log_every == 0 or step == limit or self.shortcut.due(number, step, limit):
+            extra = self.shortcut(number, step, limit, self.generator, self.discriminator)  # main process only
             self.metrics.write(self.meters, number, step, extra)
         if run.figure_every and step % run.figure_every == 0 and step < limit:
             self.outputs.figure(number, step, self.generator, self.gan)
