@@ -150,6 +150,7 @@ class AlexNetSpot(nn.Module):
             fc_layers: int = 2,
             norm5: bool = False,
             bias_init: float = 0.1,
+            freeze_trunk: bool = False,
             device=None,
             dtype=None,
     ) -> None:
@@ -166,6 +167,9 @@ class AlexNetSpot(nn.Module):
             fc_layers: 2 (fc6 + fc7, AlexNet) or 1 (fc6 only, the pretext discriminator's head).
             norm5: keep the pretext BatchNorm after conv5 (the paper removes it for transfer).
             bias_init: initial conv bias (0.1 in the authors' discriminator).
+            freeze_trunk: conv1-conv5 get ``requires_grad=False``, so only the head trains: the paper's frozen-conv5
+                transfer protocol through any trainer that optimises trainable parameters only (timm's
+                ``train.py --model-kwargs freeze_trunk=True``).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -196,6 +200,9 @@ class AlexNetSpot(nn.Module):
         self.head = self._make_head(num_classes, global_pool, dd)
         self.head_hidden_size = self.head.num_features
         self._init_weights(bias_init)
+        self.freeze_trunk = freeze_trunk
+        if freeze_trunk:
+            self.features.requires_grad_(False)
 
     def _init_weights(self, bias_init: float) -> None:
         # Glorot-uniform kernels (TF's default initializer, as in the authors' code), constant conv biases
