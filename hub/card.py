@@ -96,13 +96,17 @@ with torch.no_grad():
 print(real_logit.shape, mask.shape)""",
     ),
     'damage_repair_generator': dict(
-        # no pipeline tag: model(x) is timm's head on the generated image (a pooled 3-vector); the images come from
-        # autoencode() / damage_and_repair(), which no Hub pipeline calls (image-to-image would promise an image)
+        # no pipeline tag: model(x) is timm's head on the generated image (a pooled 3-vector, as timm's contract
+        # asks); the images come from autoencode() / damage_and_repair(), which no Hub pipeline calls
+        # (image-to-image would promise an image)
         pipeline_tag=None,
         pipeline_note='No `pipeline_tag`: `model(x)` returns the generated image average-pooled by timm\'s head '
                       '(3 numbers), not an image, so neither image-to-image nor a feature-extraction pipeline '
                       'would show what the model does; the images come from `autoencode(x)` and '
-                      '`damage_and_repair(x)` (below).',
+                      '`damage_and_repair(x)` (below). `model(x)` pools because timm\'s model contract requires '
+                      'it: timm\'s model tests remove the classifier with `reset_classifier(0)`, which keeps the '
+                      'pooling, and expect a `[B, C]` output; `timm.create_model(..., global_pool=\'\')` builds a '
+                      'model whose `model(x)` is the image.',
         model_type='generator (autoencoder with damage & repair; `model(x)` is a pooled 3-vector, images come '
                    'from `autoencode` / `damage_and_repair`)',
         tags=['timm', 'self-supervised', 'timm-spot', 'learning-to-spot-artifacts', 'autoencoder', 'generator'],

@@ -233,10 +233,13 @@ class DamageRepairGenerator(nn.Module):
     timm API: ``forward_features(x)`` returns the generated image ``[B, in_chans, H, W]`` (train mode:
     ``damage_and_repair`` with a fresh mask, like dropout; eval mode: ``autoencode``, deterministic), so
     ``num_features == in_chans``; ``forward_head`` / ``forward`` apply a timm ``ClassifierHead`` (``num_classes=0``
-    and ``global_pool=''`` return the images themselves). ``feature_info`` lists the ``k + 1`` encoder outputs
-    ``encoder.0`` .. ``encoder.k`` (reductions 1, 2, .., 2**k), used by ``features_only=True`` and
-    ``forward_intermediates``. ``prune_intermediate_layers`` keeps the encoder up to the last wanted tap and (with
-    the head) drops the decoder, repair network and ``to_rgb``; ``forward_features`` then returns that encoder tap.
+    and ``global_pool=''`` return the images themselves). The default ``forward`` pools (``[B, in_chans]``) because
+    timm's contract requires it: timm's model tests remove the classifier with ``reset_classifier(0)``, which keeps
+    the pooling, and expect a 2-D ``[B, head_hidden_size]`` output, so a ``global_pool=''`` default fails them.
+    ``feature_info`` lists the ``k + 1`` encoder outputs ``encoder.0`` .. ``encoder.k`` (reductions 1, 2, .., 2**k),
+    used by ``features_only=True`` and ``forward_intermediates``. ``prune_intermediate_layers`` keeps the encoder up
+    to the last wanted tap and (with the head) drops the decoder, repair network and ``to_rgb``; ``forward_features``
+    then returns that encoder tap.
     Inputs must have ``in_chans`` channels and H, W multiples of ``2**k`` (ValueError otherwise).
     """
 
@@ -265,7 +268,8 @@ class DamageRepairGenerator(nn.Module):
         Args:
             in_chans: Image channels (input and generated output).
             num_classes: Classes of the timm head on the pooled generated image (0: no classifier).
-            global_pool: timm global pooling of the head ('' keeps the image).
+            global_pool: timm global pooling of the head ('' keeps the image; the default pools, as timm's
+                model contract asks of ``forward``).
             drop_rate: Dropout before the head's classifier.
             stem_width: Filters of the 3x3 stride-1 first encoder layer and of the last decoder layer (32).
             widths: Filters of the stride-2 encoder layers; ``k = len(widths)`` (paper: 64, 128, 256, 512).
