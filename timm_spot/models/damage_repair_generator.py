@@ -501,35 +501,41 @@ class DamageRepairGenerator(nn.Module):
         return mask * phi + (1. - mask) * fill
 
     def repair_decode(self, phi_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """D_hat = {R_1, D_1, R_2, ..., D_k, R_{k+1}}: damaged feature + mask -> corrupt image x_hat in [-1, 1].
+        """D_hat = {R_1, D_1, R_2, ..., D_k, R_{k+1}} (Eqs. 1-2): damaged feature + mask -> corrupt image in [-1, 1].
 
-        The mask is nearest-neighbour upsampled to every decoder resolution. ``repair='local'`` applies all
-        blocks before D_1, ``repair='none'`` decodes phi_hat directly.
+        ``repair='distributed'`` (the paper), with Omega_j the drop mask nearest-neighbour upsampled to the
+        resolution after D_j (Omega_0 = Omega)::
+
+            x_0 = phi_hat
+            x_j = D_j(R_j(x_{j-1}, Omega_{j-1}))    for j = 1 .. k
+            x_hat = tanh(to_rgb(R_{k+1}(x_k, Omega_k)))
+
+        ``repair='local'``: x_hat = D(R_{k+1}(... R_1(phi_hat, Omega) ..., Omega)); ``repair='none'``: D(phi_hat).
         """
         mask = check_drop_mask(mask, phi_hat)
-        use_ckpt = self.grad_checkpointing and not torch.jit.is_scripting()
         x = phi_hat
-        # NOTE TorchScript can neither slice nor index an nn.ModuleList with a variable, the loops below pick the
-        # repair block for each position by comparing (unrolled) loop indices instead
-        for i, block in enumerate(self.repair):
-            if self.repair_mode == 'local' or i == 0:
-                if use_ckpt and not torch.jit.is_scripting():
-                    x = checkpoint(block, x, mask)
+        if self.repair_mode != 'distributed':
+            for r_i in self.repair:  # 'local': every R before D; 'none': no R
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(r_i, x, mask)
                 else:
-                    x = block(x, mask)
-        for j, layer in enumerate(self.decoder):
-            if use_ckpt and not torch.jit.is_scripting():
-                x = checkpoint(layer, x)
+                    x = r_i(x, mask)
+            return self.decode(x)
+
+        for r_j, d_j in zip(self.repair, self.decoder):  # R_1, D_1, ..., R_k, D_k
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(r_j, x, _resize_mask(mask, x))
+                x = checkpoint(d_j, x)
             else:
-                x = layer(x)
-            if self.repair_mode == 'distributed':
-                mask_j = _resize_mask(mask, x)
-                for k, block_k in enumerate(self.repair):
-                    if k == j + 1:
-                        if use_ckpt and not torch.jit.is_scripting():
-                            x = checkpoint(block_k, x, mask_j)
-                        else:
-                            x = block_k(x, mask_j)
+                x = d_j(r_j(x, _resize_mask(mask, x)))
+        # R_{k+1}, the one block after the last decoder layer (TorchScript cannot index a ModuleList with a variable
+        # or call the blocks of a slice of one, so it is found by position)
+        for i, r_last in enumerate(self.repair):
+            if i == len(self.decoder):
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(r_last, x, _resize_mask(mask, x))
+                else:
+                    x = r_last(x, _resize_mask(mask, x))
         return self._to_image(x)
 
     def damage_and_repair(
