@@ -96,13 +96,17 @@ with torch.no_grad():
 print(real_logit.shape, mask.shape)""",
     ),
     'damage_repair_generator': dict(
-        # no pipeline tag: model(x) is timm's head on the generated image (a pooled 3-vector); the images come from
-        # autoencode() / damage_and_repair(), which no Hub pipeline calls (image-to-image would promise an image)
+        # no pipeline tag: model(x) is timm's head on the generated image (a pooled 3-vector, as timm's contract
+        # asks); the images come from autoencode() / damage_and_repair(), which no Hub pipeline calls
+        # (image-to-image would promise an image)
         pipeline_tag=None,
         pipeline_note='No `pipeline_tag`: `model(x)` returns the generated image average-pooled by timm\'s head '
                       '(3 numbers), not an image, so neither image-to-image nor a feature-extraction pipeline '
                       'would show what the model does; the images come from `autoencode(x)` and '
-                      '`damage_and_repair(x)` (below).',
+                      '`damage_and_repair(x)` (below). `model(x)` pools because timm\'s model contract requires '
+                      'it: timm\'s model tests remove the classifier with `reset_classifier(0)`, which keeps the '
+                      'pooling, and expect a `[B, C]` output; `timm.create_model(..., global_pool=\'\')` builds a '
+                      'model whose `model(x)` is the image.',
         model_type='generator (autoencoder with damage & repair; `model(x)` is a pooled 3-vector, images come '
                    'from `autoencode` / `damage_and_repair`)',
         tags=['timm', 'self-supervised', 'timm-spot', 'learning-to-spot-artifacts', 'autoencoder', 'generator'],
@@ -293,34 +297,54 @@ def render_card(
     pcfg = config.get('pretrained_cfg', {})
     tag = metadata.get('pretrained_tag', 'spot_in1k')
     model_id = f'{name}.{tag}'
-    if datasets:
-        ds_list = list(datasets)
-    elif data_source:  # a Hub dataset id is named as is; local files or the demo photos are no Hub dataset
-        guessed = _hf_dataset_id(data_source)
-        ds_list = [guessed] if guessed else []
-    else:  # not recorded: what the tag stands for (export warns)
-        ds_list = ['ILSVRC/imagenet-1k'] if tag.endswith('in1k') else []
-
+    ds_list = _card_datasets(datasets, data_source, tag)
     license_id = pcfg.get('license') or 'mit'
-    front: Dict[str, Any] = {'library_name': 'timm', 'license': license_id}
-    if info['pipeline_tag']:
-        front['pipeline_tag'] = info['pipeline_tag']
-    front['tags'] = list(info['tags'])
     warnings = list(warnings)
     dirty = bool(git_revision) and git_revision.endswith('-dirty')
     if dirty:
         warnings.append('generated from a working tree with uncommitted changes: export again from a clean commit '
                         'before publishing')
+    front = _front_matter(info, license_id, ds_list, evaluations, model_id)
+    lines: List[str] = ['---', yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=1000).rstrip(),
+                        '---', '', f'# Model card for {model_id}', '', info['summary'], '']
+    if warnings:
+        lines += ['> **Note**', '>'] + [f'> - {w}' for w in warnings] + ['']
+    lines += _details_section(name, info, pcfg, config, license_id, num_params, storage,
+                              data_description or _data_text(data_source, ds_list))
+    lines += _usage_section(info, model_id, repo_id, registry)
+    lines += _results_section(evaluations)
+    lines += _training_section(metadata, metrics, has_training_config, git_revision, dirty)
+    lines += ['', '## Citation', '', '```bibtex', _CITATION, '```', '']
+    return '\n'.join(lines)
+
+
+def _card_datasets(datasets: Optional[Sequence[str]], data_source: Optional[str], tag: str) -> List[str]:
+    """The front matter's ``datasets``: as given, else the Hub dataset id of the data source (local files or the
+    demo photos are no Hub dataset), else (not recorded) what the tag stands for (export warns)."""
+    if datasets:
+        return list(datasets)
+    if data_source:
+        guessed = _hf_dataset_id(data_source)
+        return [guessed] if guessed else []
+    return ['ILSVRC/imagenet-1k'] if tag.endswith('in1k') else []
+
+
+def _front_matter(info: Dict[str, Any], license_id: str, ds_list: List[str],
+                  evaluations: Sequence[Dict[str, Any]], model_id: str) -> Dict[str, Any]:
+    """The Hub YAML front matter; ``model-index`` holds only this project's measurements of these weights."""
+    front: Dict[str, Any] = {'library_name': 'timm', 'license': license_id}
+    if info['pipeline_tag']:
+        front['pipeline_tag'] = info['pipeline_tag']
+    front['tags'] = list(info['tags'])
     if ds_list:
         front['datasets'] = ds_list
     if evaluations:
         results = []
         for ev in evaluations:
-            ds = dict(ev['dataset'])
             results.append({
                 'task': {'type': 'image-classification',
                          'name': f"{ev['protocol']} (timm-spot measurement of these weights)"},
-                'dataset': ds,
+                'dataset': dict(ev['dataset']),
                 'metrics': [
                     {'type': 'accuracy', 'name': f'{layer} top-1, linear probe (measured by timm-spot)',
                      'value': value, 'verified': False}
@@ -328,19 +352,17 @@ def render_card(
                 ],
             })
         front['model-index'] = [{'name': model_id, 'results': results}]
+    return front
 
-    registry_ok = registry.get('loadable', True)
-    create_args = f"'{model_id}', pretrained=True" if registry.get('equivalent', True) \
-        else f"'hf-hub:{repo_id}', pretrained=True"
-    lines: List[str] = ['---', yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=1000).rstrip(),
-                        '---', '', f'# Model card for {model_id}', '', info['summary'], '']
-    if warnings:
-        lines += ['> **Note**', '>'] + [f'> - {w}' for w in warnings] + ['']
 
-    lines += ['## Model details', '',
-              f'- **Model type:** {info["model_type"]} (timm architecture `{name}`, registered by the `timm-spot` '
-              f'package)',
-              f'- **License:** `{license_id}` (weights trained and released by timm-spot under its license)']
+def _details_section(name: str, info: Dict[str, Any], pcfg: Dict[str, Any], config: Dict[str, Any],
+                     license_id: str, num_params: Optional[int], storage: Optional[Dict[str, Any]],
+                     data_text: str) -> List[str]:
+    """"Model details": type, license, size, input, paper, data, constructor arguments and storage."""
+    lines = ['## Model details', '',
+             f'- **Model type:** {info["model_type"]} (timm architecture `{name}`, registered by the `timm-spot` '
+             f'package)',
+             f'- **License:** `{license_id}` (weights trained and released by timm-spot under its license)']
     if num_params is not None:
         lines.append(f'- **Parameters (M):** {num_params / 1e6:.2f}')
     in_size = pcfg.get('input_size')
@@ -352,7 +374,7 @@ def render_card(
         f'- **Papers:** [{PAPER}]({PAPER_URL}) (Jenni & Favaro, CVPR 2018)',
         f'- **Original code:** {CODE_URL} (TensorFlow 1 demo; this is a PyTorch re-implementation, trained by '
         f'timm-spot, not the authors\' weights)',
-        f'- **Pretraining data:** {data_description or _data_text(data_source, ds_list)}',
+        f'- **Pretraining data:** {data_text}',
         f'- **Constructor arguments (`model_args` in config.json):** `{json.dumps(config.get("model_args", {}))}`',
     ]
     if storage and storage.get('dtype') == 'bfloat16':
@@ -366,10 +388,18 @@ def render_card(
     lines += ['', info['io'], '']
     if info.get('pipeline_note'):
         lines += [info['pipeline_note'], '']
+    return lines
 
-    lines += ['## Usage', '', '```python', 'import numpy as np', 'import timm', 'import torch', 'from PIL import Image',
-              '', 'import timm_spot  # registers the timm-spot models with timm (pip install timm-spot)', '']
-    if registry_ok and registry.get('equivalent', True):
+
+def _usage_section(info: Dict[str, Any], model_id: str, repo_id: str, registry: Dict[str, Any]) -> List[str]:
+    """"Usage": a snippet that runs as written, how to pin and load offline, and when the bare name does not load
+    these weights."""
+    registry_ok = registry.get('loadable', True)
+    equivalent = registry.get('equivalent', True)
+    create_args = f"'{model_id}', pretrained=True" if equivalent else f"'hf-hub:{repo_id}', pretrained=True"
+    lines = ['## Usage', '', '```python', 'import numpy as np', 'import timm', 'import torch', 'from PIL import Image',
+             '', 'import timm_spot  # registers the timm-spot models with timm (pip install timm-spot)', '']
+    if registry_ok and equivalent:
         lines += [f"model = timm.create_model('{model_id}', pretrained=True).eval()",
                   '# or name this repo explicitly (reads its config.json):',
                   f"# model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()"]
@@ -396,13 +426,17 @@ def render_card(
         lines += [f"`timm.create_model('{model_id}', pretrained=True)` does NOT load these weights: the registered "
                   'defaults build other tensor shapes (' + '; '.join(registry.get('shape_mismatches', [])[:3]) +
                   ').', '']
-    elif not registry.get('equivalent', True):
+    elif not equivalent:
         diff = ', '.join(f"{k}={v['exported']!r} (registry default {v['registry']!r})"
                          for k, v in registry.get('nondefault_args', {}).items())
         lines += [f"`timm.create_model('{model_id}', pretrained=True)` loads these weights into a model built with "
                   f"the registry defaults, which differ: {diff}. Use the `hf-hub:` name.", '']
+    return lines
 
-    lines += ['## Results', '']
+
+def _results_section(evaluations: Sequence[Dict[str, Any]]) -> List[str]:
+    """"Results": this project's measurements of these weights, then the paper's numbers of the authors' model."""
+    lines = ['## Results', '']
     if evaluations:
         layers = [l for l in _LAYERS if any(l in ev['layers'] for ev in evaluations)]
         other = sorted({l for ev in evaluations for l in ev['layers'] if l not in _LAYERS})
@@ -432,25 +466,29 @@ def render_card(
     lines += ['', 'STL-10 (Table 2): frozen conv1-5 + linear ' + PAPER_RESULTS['stl10']['frozen conv1-5 + linear'] +
               ', fine-tuned ' + PAPER_RESULTS['stl10']['fine-tuned'] + '. Pascal VOC (Table 3): ' +
               ', '.join(f'{k} {v}' for k, v in PAPER_RESULTS['voc'].items()) + '.', '']
+    return lines
 
+
+def _training_section(metadata: Dict[str, str], metrics: Optional[Dict[str, Any]], has_training_config: bool,
+                      git_revision: Optional[str], dirty: bool) -> List[str]:
+    """"Training": the config hash, the software versions and commit, the weights' source file and the log."""
     if dirty:
         code = f'uncommitted changes on top of git {git_revision[:-len("-dirty")]}'
     else:
         code = f'git {git_revision}' if git_revision else 'git commit unknown'
-    lines += ['## Training', '',
-              f"- **Training config sha256** (canonical JSON of the parsed config"
-              f"{', shipped as `training_config.yaml`' if has_training_config else ''}): "
-              f"`{metadata.get('training_config_sha256', 'none')}`",
-              f"- **Software:** timm-spot {metadata.get('timm_spot_version')}, timm {metadata.get('timm_version')}, "
-              f"torch {metadata.get('torch_version')}; this card from timm-spot {code}",
-              f"- **Weights:** `model.safetensors` from the run file with sha256 "
-              f"`{metadata.get('source_file_sha256', 'unknown')}` (the same metadata is in the file's header)"]
+    lines = ['## Training', '',
+             f"- **Training config sha256** (canonical JSON of the parsed config"
+             f"{', shipped as `training_config.yaml`' if has_training_config else ''}): "
+             f"`{metadata.get('training_config_sha256', 'none')}`",
+             f"- **Software:** timm-spot {metadata.get('timm_spot_version')}, timm {metadata.get('timm_version')}, "
+             f"torch {metadata.get('torch_version')}; this card from timm-spot {code}",
+             f"- **Weights:** `model.safetensors` from the run file with sha256 "
+             f"`{metadata.get('source_file_sha256', 'unknown')}` (the same metadata is in the file's header)"]
     if metrics and metrics.get('records'):
         last = metrics.get('last', {})
         shown = ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in list(last.items())[:12])
         lines.append(f"- **Log:** {metrics['records']} records in metrics.jsonl; last: {shown}")
-    lines += ['', '## Citation', '', '```bibtex', _CITATION, '```', '']
-    return '\n'.join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -385,12 +385,71 @@ def export_model(
     ``tag``: the release tag (default: the model's default release); ``pretext_dtype``: storage of the
     discriminator and generator: ``'auto'`` (bfloat16 where its outputs stay within :data:`BF16_TOLERANCE` of
     float32, else float32 with a warning), ``'bfloat16'`` (an error beyond the tolerance) or ``'float32'``.
-    """
-    import timm
-    from timm.models._hub import save_config_for_hf  # private: no public name in timm 1.0.31
-    _import_models()
-    import timm_spot
 
+    Steps: read and check the run's weights, load them into the release's model, choose their storage, collect the
+    metadata and the shipped training config, write the folder (staged, then swapped in), verify it through timm.
+    """
+    from timm_spot.models._releases import repo_id as _repo_id
+    _import_models()
+    src, args, state = _read_run_weights(run, name, pretext_dtype)
+    warns: List[str] = []
+    img_size = img_size or run.img_size
+    if tag:
+        check_tag(tag, name)
+    model, tag = _export_model_and_tag(name, tag, args, img_size, warns)
+    folder = target_folder(out_dir, name, tag)
+    _check_out_folder(folder, force, name, tag)
+    _load_run_weights(model, name, state, src, args)
+    tensors, storage = _stored_tensors(name, model, img_size, pretext_dtype, warns)
+
+    repo_id = _repo_id(name, tag)
+    data_source = public_data_source(run.data_source)
+    config_text, config_sha = _shipped_training_config(run, data_source, warns)
+    if tag.endswith('in1k') and not looks_like_imagenet_1k(data_source):
+        warns.append(f'training data of the run is {data_source or "not recorded in config.yaml"!s}: '
+                     f'these are not ImageNet-1k weights, do not publish them as {repo_id}')
+    metadata = _weights_metadata(run, name, tag, repo_id, args, config_sha, data_source, src, img_size, storage)
+
+    stage = folder.parent / f'.{name}.export-tmp'
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try:
+        config = _write_model_files(stage, model, tensors, metadata, img_size, config_text)
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        registry = registry_report(name, config.get('model_args', {}), shapes, tag=tag, img_size=img_size)
+        warns.extend(_registry_warnings(name, tag, repo_id, registry))
+        evaluations = normalize_results(results, name) if results is not None else []
+        card = render_card(
+            name=name, repo_id=repo_id, config=config, metadata=metadata, registry=registry,
+            evaluations=evaluations, metrics=run.metrics, datasets=datasets, data_source=data_source,
+            num_params=sum(int(t.numel()) for k, t in tensors.items() if not k.endswith('num_batches_tracked')),
+            warnings=warns, has_training_config=run.config_path is not None, git_revision=git_revision(),
+            storage=storage,
+        )
+        (stage / CARD_NAME).write_text(card, encoding='utf-8')
+        _swap_in(stage, folder, name)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+
+    if verify:
+        verify_export(folder, tensors)
+    for w in warns:
+        if log is not None:
+            log(f'WARNING {name}: {w}')
+    files = describe_files(folder)
+    if log is not None:
+        log(f'exported {name} -> {folder} (repo {repo_id})')
+        for f in files:
+            log(f"  {f['path']:<22} {f['size']:>12,d} B  sha256 {f['sha256']}")
+    return ExportResult(name=name, folder=folder, repo_id=repo_id, files=files, config=config, metadata=metadata,
+                        registry=registry, warnings=warns)
+
+
+def _read_run_weights(run: RunInfo, name: str, pretext_dtype: str):
+    """(weights file, constructor kwargs, state dict) of ``name`` in ``run``, each checked: the file is there and
+    matches the sha256 the trainer recorded, the storage choice is known, the kwargs are constructor arguments."""
     if name not in MODEL_NAMES:
         raise ValueError(f'unknown model {name!r}; exportable: {", ".join(MODEL_NAMES)}')
     src = run.weights_file(name)
@@ -399,8 +458,6 @@ def export_model(
     check_recorded_sha256(run.path, src)
     if pretext_dtype not in ('auto', 'bfloat16', 'float32'):
         raise ValueError(f"pretext_dtype must be 'auto', 'bfloat16' or 'float32', got {pretext_dtype!r}")
-    warns: List[str] = []
-
     args = dict(run.model_args.get(name, {}))
     bad = sorted(set(args) & _NOT_MODEL_ARGS)
     if bad:
@@ -409,13 +466,14 @@ def export_model(
         state = safetensors.torch.load_file(str(src), device='cpu')
     except Exception as e:
         raise RuntimeError(f'{name}: cannot read {src}: {type(e).__name__}: {e}') from e
-    img_size = img_size or run.img_size
-    if tag:
-        check_tag(tag, name)
-    model, tag = _export_model_and_tag(name, tag, args, img_size, warns)
-    folder = target_folder(out_dir, name, tag)
-    _check_out_folder(folder, force, name, tag)
-    if name == 'alexnet_spot':  # accept a backbone saved with its pretext BatchNorm (folded here, exact)
+    return src, args, state
+
+
+def _load_run_weights(model: torch.nn.Module, name: str, state: Dict[str, torch.Tensor], src: Path,
+                      args: Dict[str, Any]) -> None:
+    """Load ``state`` strictly into ``model`` (a backbone saved with its pretext BatchNorm is folded first, exact)
+    and set it to eval."""
+    if name == 'alexnet_spot':
         from timm_spot.models.alexnet_spot import checkpoint_filter_fn
         state = checkpoint_filter_fn(state, model)
     try:
@@ -425,28 +483,35 @@ def export_model(
             f'{name}: the run weights {src} do not fit timm.create_model({name!r}, **{args!r}) '
             f'(model_args.json out of date?): {e}') from e
     model.eval()
+
+
+def _stored_tensors(name: str, model: torch.nn.Module, img_size: Optional[int], pretext_dtype: str,
+                    warns: List[str]):
+    """(tensors to write, storage record): float32, or bfloat16 for a pretext model whose outputs stay within
+    :data:`BF16_TOLERANCE` (``pretext_dtype='bfloat16'`` makes going beyond it an error, ``'auto'`` a warning)."""
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
     storage: Dict[str, Any] = {'dtype': 'float32'}
-    if name in PRETEXT_MODELS and pretext_dtype != 'float32':
-        low = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
-        size = img_size or model.pretrained_cfg.get('input_size', (3, 128, 128))[-1]
-        diffs = storage_check(name, model, low, size)
-        worst = max(diffs.values())
-        if worst <= BF16_TOLERANCE[name]:
-            tensors = low
-            storage = {'dtype': 'bfloat16', 'max_abs_diff': {k: round(v, 6) for k, v in diffs.items()},
-                       'tolerance': BF16_TOLERANCE[name], 'check': f'4 seeded images in [-1, 1] at {size} px'}
-        elif pretext_dtype == 'bfloat16':
-            raise RuntimeError(
-                f'{name}: bfloat16 storage changes the outputs by {worst:.4f} > {BF16_TOLERANCE[name]} ({diffs}); '
-                f'export with --pretext-dtype auto or float32')
-        else:
-            warns.append(f'bfloat16 storage would change the outputs by {worst:.4f} > {BF16_TOLERANCE[name]}: '
-                         f'stored in float32')
+    if name not in PRETEXT_MODELS or pretext_dtype == 'float32':
+        return tensors, storage
+    low = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
+    size = img_size or model.pretrained_cfg.get('input_size', (3, 128, 128))[-1]
+    diffs = storage_check(name, model, low, size)
+    worst = max(diffs.values())
+    if worst <= BF16_TOLERANCE[name]:
+        return low, {'dtype': 'bfloat16', 'max_abs_diff': {k: round(v, 6) for k, v in diffs.items()},
+                     'tolerance': BF16_TOLERANCE[name], 'check': f'4 seeded images in [-1, 1] at {size} px'}
+    if pretext_dtype == 'bfloat16':
+        raise RuntimeError(
+            f'{name}: bfloat16 storage changes the outputs by {worst:.4f} > {BF16_TOLERANCE[name]} ({diffs}); '
+            f'export with --pretext-dtype auto or float32')
+    warns.append(f'bfloat16 storage would change the outputs by {worst:.4f} > {BF16_TOLERANCE[name]}: '
+                 f'stored in float32')
+    return tensors, storage
 
-    from timm_spot.models._releases import repo_id as _repo_id
-    repo_id = _repo_id(name, tag)
-    data_source = public_data_source(run.data_source)
+
+def _shipped_training_config(run: RunInfo, data_source: Optional[str], warns: List[str]):
+    """(text of training_config.yaml or None, its canonical sha256): the run's config.yaml with a local data path
+    written as :func:`public_data_source` names it, headed by the keys a ``--resume`` changed (also warned)."""
     config_text, config_sha = None, run.config_sha256
     if run.config_path is not None:
         config_text = run.config_path.read_text(encoding='utf-8')
@@ -461,10 +526,15 @@ def export_model(
                                                             for r in run.config_changes) + config_text)
         warns.append('the training config changed on --resume (training_config.yaml holds the last values): '
                      + '; '.join(describe_config_change(r) for r in run.config_changes))
-    if tag.endswith('in1k') and not looks_like_imagenet_1k(data_source):
-        warns.append(f'training data of the run is {data_source or "not recorded in config.yaml"!s}: '
-                     f'these are not ImageNet-1k weights, do not publish them as {repo_id}')
+    return config_text, config_sha
 
+
+def _weights_metadata(run: RunInfo, name: str, tag: str, repo_id: str, args: Dict[str, Any],
+                      config_sha: Optional[str], data_source: Optional[str], src: Path, img_size: Optional[int],
+                      storage: Dict[str, Any]) -> Dict[str, str]:
+    """The safetensors header metadata: what the weights are, where they came from, and how they are stored."""
+    import timm
+    import timm_spot
     metadata = {
         'format': 'pt',
         'architecture': name,
@@ -484,74 +554,57 @@ def export_model(
     metadata['storage_dtype'] = storage['dtype']
     if 'max_abs_diff' in storage:
         metadata['storage_check'] = json.dumps(storage, sort_keys=True)
+    return metadata
 
-    stage = folder.parent / f'.{name}.export-tmp'
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    try:
-        safetensors.torch.save_file(tensors, str(stage / WEIGHTS_NAME), metadata=metadata)
-        canonicalize_safetensors(stage / WEIGHTS_NAME)
-        data_config = {'img_size': img_size} if img_size else None
-        save_config_for_hf(model, str(stage / CONFIG_NAME), data_config=data_config)
-        config = json.loads((stage / CONFIG_NAME).read_text())
-        if config_text is not None:
-            (stage / TRAINING_CONFIG_NAME).write_text(config_text, encoding='utf-8')
-        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        registry = registry_report(name, config.get('model_args', {}), shapes, tag=tag, img_size=img_size)
-        if not registry['loadable']:
-            warns.append(
-                f"timm.create_model({name + '.' + tag!r}, pretrained=True) cannot load these weights (registry defaults build "
-                f"other shapes: {'; '.join(registry['shape_mismatches'][:3])}); only 'hf-hub:{repo_id}' loads them")
-        elif not registry['equivalent']:
-            warns.append(
-                f"timm.create_model({name!r}, pretrained=True) loads these weights into a model with other "
+
+def _write_model_files(stage: Path, model: torch.nn.Module, tensors: Dict[str, torch.Tensor],
+                       metadata: Dict[str, str], img_size: Optional[int],
+                       config_text: Optional[str]) -> Dict[str, Any]:
+    """Write model.safetensors (canonical header), config.json (timm's own writer) and training_config.yaml into
+    ``stage``; returns the config.json written."""
+    from timm.models._hub import save_config_for_hf  # private: no public name in timm 1.0.31
+    safetensors.torch.save_file(tensors, str(stage / WEIGHTS_NAME), metadata=metadata)
+    canonicalize_safetensors(stage / WEIGHTS_NAME)
+    data_config = {'img_size': img_size} if img_size else None
+    save_config_for_hf(model, str(stage / CONFIG_NAME), data_config=data_config)
+    config = json.loads((stage / CONFIG_NAME).read_text())
+    if config_text is not None:
+        (stage / TRAINING_CONFIG_NAME).write_text(config_text, encoding='utf-8')
+    return config
+
+
+def _registry_warnings(name: str, tag: str, repo_id: str, registry: Dict[str, Any]) -> List[str]:
+    """What to say when the registered name does not load these weights, or loads them into another model."""
+    if not registry['loadable']:
+        return [f"timm.create_model({name + '.' + tag!r}, pretrained=True) cannot load these weights (registry "
+                f"defaults build other shapes: {'; '.join(registry['shape_mismatches'][:3])}); only "
+                f"'hf-hub:{repo_id}' loads them"]
+    if not registry['equivalent']:
+        return [f"timm.create_model({name!r}, pretrained=True) loads these weights into a model with other "
                 f"constructor args ({', '.join(registry['nondefault_args'])}); 'hf-hub:{repo_id}' rebuilds the "
-                f"trained model")
-        evaluations = normalize_results(results, name) if results is not None else []
-        card = render_card(
-            name=name, repo_id=repo_id, config=config, metadata=metadata, registry=registry,
-            evaluations=evaluations, metrics=run.metrics, datasets=datasets, data_source=data_source,
-            num_params=sum(int(t.numel()) for k, t in tensors.items() if not k.endswith('num_batches_tracked')),
-            warnings=warns, has_training_config=run.config_path is not None, git_revision=git_revision(),
-            storage=storage,
-        )
-        (stage / CARD_NAME).write_text(card, encoding='utf-8')
+                f"trained model"]
+    return []
 
-        # replace by rename, delete last: at every instant either the old or the new folder is at `folder`
-        # (a kill between the renames leaves the old one at `.<name>.export-old`, complete)
-        old = folder.parent / f'.{name}.export-old'
-        if old.exists():  # left by a killed export: the released folder if it is the only copy
-            if folder.exists():
-                shutil.rmtree(old)
-            else:
-                os.replace(old, folder)
+
+def _swap_in(stage: Path, folder: Path, name: str) -> None:
+    """Replace ``folder`` by ``stage``: by rename, delete last, so that at every instant either the old or the new
+    folder is at ``folder`` (a kill between the renames leaves the old one at ``.<name>.export-old``, complete)."""
+    old = folder.parent / f'.{name}.export-old'
+    if old.exists():  # left by a killed export: the released folder if it is the only copy
         if folder.exists():
-            os.replace(folder, old)
-        try:
-            os.replace(stage, folder)
-        except BaseException:
-            if old.exists() and not folder.exists():
-                os.replace(old, folder)
-            raise
-        if old.exists():
             shutil.rmtree(old)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
-
-    if verify:
-        verify_export(folder, tensors)
-    for w in warns:
-        if log is not None:
-            log(f'WARNING {name}: {w}')
-    files = describe_files(folder)
-    if log is not None:
-        log(f'exported {name} -> {folder} (repo {repo_id})')
-        for f in files:
-            log(f"  {f['path']:<22} {f['size']:>12,d} B  sha256 {f['sha256']}")
-    return ExportResult(name=name, folder=folder, repo_id=repo_id, files=files, config=config, metadata=metadata,
-                        registry=registry, warnings=warns)
+        else:
+            os.replace(old, folder)
+    if folder.exists():
+        os.replace(folder, old)
+    try:
+        os.replace(stage, folder)
+    except BaseException:
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)
+        raise
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def verify_export(folder: PathLike, tensors: Optional[Dict[str, torch.Tensor]] = None) -> None:

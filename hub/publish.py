@@ -181,29 +181,7 @@ def publish_folder(
     folder = Path(folder)
     arch = info['architecture']
     meta = info['metadata']
-    registry = info['registry']
-
-    advice: List[str] = []  # reasons not to publish (blocking unless force)
-    notes: List[str] = []  # conventions (never blocking)
-    import timm.models
-    try:  # a tag not in timm_spot's release table (yet) has no registered cfg
-        default_cfg = timm.models.get_pretrained_cfg(f"{arch}.{meta.get('pretrained_tag', '')}") \
-            if meta.get('pretrained_tag') else None
-    except RuntimeError:
-        default_cfg = None
-    canonical = default_cfg.hf_hub_id.split('@')[0] if default_cfg is not None and default_cfg.hf_hub_id else None
-    if repo_id == canonical:
-        if not registry['equivalent']:
-            advice.append(
-                f"{repo_id} is what timm.create_model('{arch}', pretrained=True) loads, but these weights were "
-                f"trained with other constructor args ({registry['shape_mismatches'][:2] or registry['nondefault_args']})")
-        if default_cfg.tag and default_cfg.tag.endswith('in1k') and \
-                not looks_like_imagenet_1k(meta.get('training_data')):
-            advice.append(f"{repo_id} promises ImageNet-1k weights but the training data is "
-                          f"{meta.get('training_data', 'unknown')!r}")
-    elif not repo_id.split('/')[-1].startswith(arch):
-        notes.append(f'repo name {repo_id.split("/")[-1]!r} does not start with the architecture {arch!r} '
-                     f'(timm convention: <architecture>.<tag>)')
+    advice, notes = _publish_advice(arch, meta, info['registry'], repo_id)
 
     total = sum(f['size'] for f in info['files'])
     log(f"{'DRY RUN: would upload' if dry_run else 'uploading'} {folder} -> https://huggingface.co/{repo_id} "
@@ -223,36 +201,9 @@ def publish_folder(
             log(line)
         return summary
 
-    if api is None:
-        from huggingface_hub import HfApi, get_token
-        import timm_spot
-        token = token or os.environ.get('HF_TOKEN') or get_token()
-        if not token:
-            raise RuntimeError('no Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`')
-        api = HfApi(token=token, library_name='timm-spot', library_version=timm_spot.__version__)
-    # exactly the files the dry run lists, each added by name: no pattern matching (a file named '*' or '[.]env'
-    # is a glob in allow_patterns and would upload .env), hidden files such as .env never leave
-    from huggingface_hub import CommitOperationAdd
-    operations = [CommitOperationAdd(path_in_repo=f['path'], path_or_fileobj=str(folder / f['path']))
-                  for f in info['files']]
-    try:
-        repo_url = api.create_repo(repo_id, exist_ok=True, private=private)
-        repo_id = getattr(repo_url, 'repo_id', None) or repo_id
-        if revision != 'main' and not create_pr:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.create_commit(
-            repo_id=repo_id,
-            operations=operations,
-            revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message or f"Upload {arch} ({meta.get('training_run', 'timm-spot export')})",
-        )
-    except Exception as e:  # noqa: BLE001
-        if _is_network_error(e):
-            raise RuntimeError(f'cannot reach the Hugging Face Hub to publish {repo_id} ({type(e).__name__}: '
-                               f'{_first_line(e)}); nothing was uploaded: check the network connection (and '
-                               f'HF_ENDPOINT / HF_HUB_OFFLINE), or list the upload with --dry-run') from None
-        raise
+    api = api if api is not None else _hub_api(token)
+    repo_id, commit = _upload(api, folder, info['files'], repo_id, revision, private, create_pr,
+                              commit_message or f"Upload {arch} ({meta.get('training_run', 'timm-spot export')})")
     sha = commit.oid
     summary.update(commit=sha, commit_url=getattr(commit, 'commit_url', None), pr_url=getattr(commit, 'pr_url', None))
     log(f"committed {getattr(commit, 'commit_url', sha)}")
@@ -261,3 +212,66 @@ def publish_folder(
     for line in pin_instructions(arch, repo_id, sha, folder, meta.get('pretrained_tag')):
         log(line)
     return summary
+
+
+def _publish_advice(arch: str, meta: Dict[str, str], registry: Dict[str, Any], repo_id: str):
+    """(advice, notes): reasons not to publish under ``repo_id`` (blocking unless forced: the repo a registered
+    default cfg points to, with other constructor args or non-ImageNet data under an in1k tag), and conventions
+    (never blocking: the repo name starts with the architecture)."""
+    import timm.models
+    advice: List[str] = []
+    notes: List[str] = []
+    try:  # a tag not in timm_spot's release table (yet) has no registered cfg
+        default_cfg = timm.models.get_pretrained_cfg(f"{arch}.{meta.get('pretrained_tag', '')}") \
+            if meta.get('pretrained_tag') else None
+    except RuntimeError:
+        default_cfg = None
+    canonical = default_cfg.hf_hub_id.split('@')[0] if default_cfg is not None and default_cfg.hf_hub_id else None
+    if repo_id == canonical:
+        if not registry['equivalent']:
+            advice.append(
+                f"{repo_id} is what timm.create_model('{arch}', pretrained=True) loads, but these weights were "
+                f"trained with other constructor args ({registry['shape_mismatches'][:2] or registry['nondefault_args']})")
+        if default_cfg.tag and default_cfg.tag.endswith('in1k') and \
+                not looks_like_imagenet_1k(meta.get('training_data')):
+            advice.append(f"{repo_id} promises ImageNet-1k weights but the training data is "
+                          f"{meta.get('training_data', 'unknown')!r}")
+    elif not repo_id.split('/')[-1].startswith(arch):
+        notes.append(f'repo name {repo_id.split("/")[-1]!r} does not start with the architecture {arch!r} '
+                     f'(timm convention: <architecture>.<tag>)')
+    return advice, notes
+
+
+def _hub_api(token: Optional[str]) -> Any:
+    """An ``HfApi`` with a write token (``token``, else ``HF_TOKEN``, else the saved login)."""
+    from huggingface_hub import HfApi, get_token
+    import timm_spot
+    token = token or os.environ.get('HF_TOKEN') or get_token()
+    if not token:
+        raise RuntimeError('no Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`')
+    return HfApi(token=token, library_name='timm-spot', library_version=timm_spot.__version__)
+
+
+def _upload(api: Any, folder: Path, files: List[Dict[str, Any]], repo_id: str, revision: str, private: bool,
+            create_pr: bool, commit_message: str):
+    """(repo id as the Hub names it, commit info): create the repo (and branch) if missing and commit ``files``.
+
+    Exactly the files the dry run lists, each added by name: no pattern matching (a file named '*' or '[.]env' is a
+    glob in allow_patterns and would upload .env), hidden files such as .env never leave."""
+    from huggingface_hub import CommitOperationAdd
+    operations = [CommitOperationAdd(path_in_repo=f['path'], path_or_fileobj=str(folder / f['path']))
+                  for f in files]
+    try:
+        repo_url = api.create_repo(repo_id, exist_ok=True, private=private)
+        repo_id = getattr(repo_url, 'repo_id', None) or repo_id
+        if revision != 'main' and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.create_commit(repo_id=repo_id, operations=operations, revision=revision, create_pr=create_pr,
+                                   commit_message=commit_message)
+    except Exception as e:  # noqa: BLE001
+        if _is_network_error(e):
+            raise RuntimeError(f'cannot reach the Hugging Face Hub to publish {repo_id} ({type(e).__name__}: '
+                               f'{_first_line(e)}); nothing was uploaded: check the network connection (and '
+                               f'HF_ENDPOINT / HF_HUB_OFFLINE), or list the upload with --dry-run') from None
+        raise
+    return repo_id, commit

@@ -75,6 +75,7 @@ def test_figure_neighbors(tmp_path):
     assert w > 5 * 96 and h > 3 * 96
 
 
+@pytest.mark.slow
 def test_figure_neighbors_builtin_default_images(tmp_path):
     from timm_spot.eval.figures import neighbours_figure
     from timm_spot.eval.features import create_backbone
@@ -88,6 +89,7 @@ def test_figure_neighbors_builtin_default_images(tmp_path):
     _png(out)
 
 
+@pytest.mark.slow
 def test_figure_gradcam(tmp_path, capsys):
     out = str(tmp_path / 'gc.png')
     photos = [_photo(tmp_path, 'a.jpg'), _photo(tmp_path, 'b.png')]
@@ -113,6 +115,7 @@ def test_gradcam_maps_are_normalised():
     assert float(cams.min()) >= 0 and float(cams.max()) <= 1 + 1e-6
 
 
+@pytest.mark.slow
 def test_spot_real_image(tmp_path, capsys):
     photo = _photo(tmp_path)
     weights = _discriminator_weights(tmp_path, 64)
@@ -128,6 +131,7 @@ def test_spot_real_image(tmp_path, capsys):
     assert os.path.isfile(os.path.splitext(photo)[0] + '_spot.png')
 
 
+@pytest.mark.slow
 def test_spot_through_the_generator_scores_the_true_mask(tmp_path, capsys):
     """--generator/--damage: the image is damaged & repaired as in pretraining, the map is scored per cell."""
     import timm
@@ -203,6 +207,7 @@ def test_cli_probe_errors_name_column_and_counts(tmp_path, capsys):
     assert os.path.isfile(out)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(CIFAR), reason=f'real CIFAR-10 data not found at {CIFAR} (set TIMM_SPOT_DATA)')
 def test_cli_transfer_linear_and_finetune_on_cifar(tmp_path, capsys):
     """Table 2 protocol on real images: folds from a column-free fold file, linear and one fine-tuning epoch."""

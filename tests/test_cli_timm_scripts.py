@@ -127,6 +127,7 @@ STAND_IN = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_wrapper_registers_models_and_passes_args(tmp_path, monkeypatch):
     """A stand-in train.py creates alexnet_spot with the weights file as pretrained source, trains one step."""
     import timm
@@ -173,6 +174,7 @@ def test_missing_script_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert find_script('inference') == str(tmp_path / 'inference.py')
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SCRIPTS is None, reason=str(NO_SCRIPTS))
 def test_real_timm_train_then_validate_from_released_backbone(tmp_path):
     """timm's own train.py fine-tunes alexnet_spot from the released backbone (one short epoch, CPU) on a small

@@ -88,6 +88,7 @@ def finished_run(tmp_path, master_run):
 
 
 # ------------------------------------------------------------------------------------------------ 1. data loss
+@pytest.mark.slow
 def test_rerun_with_a_typo_in_data_keeps_the_earlier_run(finished_run, tmp_path, capsys):
     """Issue repro: a run into runs/x, then the same with --data /tmp/typo.parquet: exit 2 and runs/x intact,
     with and without --overwrite (validation comes before anything in the dir changes)."""
@@ -100,6 +101,7 @@ def test_rerun_with_a_typo_in_data_keeps_the_earlier_run(finished_run, tmp_path,
         assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_data_without_a_readable_image_is_named_and_keeps_the_run(finished_run, tmp_path, capsys):
     cfg, out = finished_run
     before = snapshot(out)
@@ -111,6 +113,7 @@ def test_data_without_a_readable_image_is_named_and_keeps_the_run(finished_run, 
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_rerun_into_a_run_dir_is_refused_without_overwrite(finished_run, capsys):
     cfg, out = finished_run
     before = snapshot(out)
@@ -119,6 +122,7 @@ def test_rerun_into_a_run_dir_is_refused_without_overwrite(finished_run, capsys)
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_stage2_overwrite_checks_the_stage1_generator_first(finished_run, tmp_path, capsys):
     """A stage-2-only --overwrite run validates its stage-1 generator (readable, E/D shapes of this config) before
     the earlier run is moved; the stage-1 file it starts from stays in place."""
@@ -145,6 +149,7 @@ def test_demo_overwrite_does_not_leak_into_other_output_dirs(tmp_path):
     assert C.load_yaml(C.DEMO_CONFIG).get('overwrite') in (None, False)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_earlier_run_only_after_the_new_one_checkpoints(finished_run, capsys):
     cfg, out = finished_run
     (out / 'figures' / 'mine.png').write_bytes(b'old figure')
@@ -157,6 +162,7 @@ def test_overwrite_replaces_the_earlier_run_only_after_the_new_one_checkpoints(f
     assert yaml.safe_load((out / 'config.yaml').read_text())['overwrite'] is False
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_earlier_run_aside_when_the_new_one_fails(finished_run, monkeypatch, capsys):
     cfg, out = finished_run
     before = snapshot(out)
@@ -197,6 +203,7 @@ def test_rank_state_is_never_unpickled(tmp_path, monkeypatch):
     assert error is not None and 'rank_state_0.pt' in str(error) and str(ckpt) in str(error)
 
 
+@pytest.mark.slow
 def test_real_rank_state_loads_with_weights_only(finished_run):
     _, out = finished_run
     for path in (out / 'checkpoints').glob('stage*/rank_state_0.pt'):
@@ -205,6 +212,7 @@ def test_real_rank_state_loads_with_weights_only(finished_run):
 
 
 # ------------------------------------------------------------------------------------------------ 3, 11. resume
+@pytest.mark.slow
 @pytest.mark.parametrize('flag,value,old', [(['--img-size', '64'], 64, 32),
                                             (['--set', 'gen_widths=[16,32,64,128]'], [16, 32, 64, 128],
                                              [8, 16, 32, 64]),
@@ -221,6 +229,7 @@ def test_resume_with_a_changed_shape_option_changes_nothing(finished_run, capsys
 
 
 # ------------------------------------------------------------------------------------------------ 6. disk full
+@pytest.mark.slow
 def test_disk_full_names_disk_space_and_the_kept_checkpoint(tmp_path, monkeypatch, capsys):
     import accelerate
 
@@ -248,6 +257,7 @@ def _flip_byte(path: Path, offset: int = -100) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_checkpoint_metadata_holds_checksums(finished_run):
     _, out = finished_run
     for ckpt in (out / 'checkpoints').glob('stage*'):
@@ -256,6 +266,7 @@ def test_checkpoint_metadata_holds_checksums(finished_run):
             'model.safetensors']) == 64
 
 
+@pytest.mark.slow
 def test_flipped_bit_in_the_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     cfg = tiny_config(tmp_path, stage1_steps=1, stage2_steps=2, keep_checkpoints=2)
     out = tmp_path / 'run'
@@ -273,6 +284,7 @@ def test_flipped_bit_in_the_latest_checkpoint_falls_back_to_the_previous_one(tmp
     assert json.loads((ckpts / 'latest').read_text())['name'] == 'stage2_step0000002'  # re-done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('victim', ['model.safetensors', 'optimizer.bin', 'rank_state_0.pt'])
 def test_truncated_checkpoint_file_is_named_without_traceback(finished_run, capsys, victim):
     _, out = finished_run
@@ -285,6 +297,7 @@ def test_truncated_checkpoint_file_is_named_without_traceback(finished_run, caps
     assert victim in err and 'stage2_step0000001' in err and 'Traceback' not in err
 
 
+@pytest.mark.slow
 def test_truncated_file_in_a_checkpoint_without_checksums_is_named(finished_run, capsys):
     """Checkpoints of earlier versions carry no checksums: structural checks still name the file."""
     _, out = finished_run
@@ -513,6 +526,7 @@ def test_very_large_images_are_reduced_while_decoding():
     assert image.width * image.height <= MAX_DECODE_PIXELS and abs(image.width / image.height - 1.5) < 0.01
 
 
+@pytest.mark.slow
 def test_skipped_images_counts_images_once_and_names_them(tmp_path, capsys):
     cells = [{'bytes': _png((i * 20, 0, 0)), 'path': f'ok{i}.png'} for i in range(6)]
     cells[1] = {'bytes': b'broken', 'path': 'broken1.png'}

@@ -1,5 +1,6 @@
 """Figures readable without the paper (the conv1 grid says when its filters look like noise, Grad-CAM has a title,
 a legend and a colour scale) and pretrain.py --help naming every shipped config."""
+import pytest
 import timm
 import torch
 from PIL import Image
@@ -46,6 +47,7 @@ def test_gradcam_has_title_legend_and_colour_scale(tmp_path):
     assert len(info) == 3
 
 
+@pytest.mark.slow
 def test_pretrain_help_lists_every_shipped_config():
     import os
     import subprocess

@@ -131,6 +131,7 @@ def _sha_tree(root: Path) -> dict:
             for p in sorted(root.rglob('*')) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_export_without_tag_never_touches_a_shipped_release(tmp_path, monkeypatch, capsys):
     """Issue 19: `python -m hub export RUN` wrote over hub/<model>.<default tag>/; now it writes a new folder named
     after the run and the date, and an explicit release tag needs --force. Every file under hub/ keeps its sha256."""
@@ -174,6 +175,7 @@ def _hold_lock(out: Path):
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('extra', [[], ['--overwrite'], ['--resume']])
 def test_a_run_dir_in_use_is_refused_naming_the_holder(finished_run, capsys, extra):
     cfg, out = finished_run
@@ -192,6 +194,7 @@ def test_a_run_dir_in_use_is_refused_naming_the_holder(finished_run, capsys, ext
     assert not (out / '.lock').exists()
 
 
+@pytest.mark.slow
 def test_a_new_run_dir_in_use_is_refused(tmp_path, capsys):
     out = tmp_path / 'new'
     holder = _hold_lock(out)
@@ -228,6 +231,7 @@ def test_model_kwarg_with_a_bad_value_is_refused_up_front(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ 7. weight hashes
+@pytest.mark.slow
 def test_run_records_weight_hashes_and_export_refuses_a_changed_file(finished_run, tmp_path, capsys):
     from hub.__main__ import cli
 
@@ -277,6 +281,7 @@ def test_loading_a_release_whose_cached_file_changed_is_refused(tmp_path, monkey
 
 
 # ------------------------------------------------------------------------------------------------ 5. resume changes
+@pytest.mark.slow
 def test_resume_with_a_changed_lr_says_so_and_records_it(tmp_path, capsys):
     from hub.__main__ import cli
 
@@ -353,6 +358,7 @@ def test_empty_parquet_is_named_in_pretraining_and_probe(tmp_path, capsys):
     assert not (tmp_path / 'o').exists()
 
 
+@pytest.mark.slow
 def test_hub_dataset_id_offline_is_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', PYTHONPATH=str(REPO),
                HF_HOME=str(tmp_path / 'hf'))
@@ -403,6 +409,7 @@ def test_cli_img_size_out_of_range_is_one_line(tmp_path, capsys, command, size):
     assert '--img-size' in line and size in line
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, monkeypatch, capsys):
     from train_scripts import trainer
 
@@ -424,6 +431,7 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, monkeyp
     assert not (out / '.lock').exists()
 
 
+@pytest.mark.slow
 def test_resume_advice_names_only_what_the_user_gave(finished_run, tmp_path, capsys):
     _, out = finished_run
     other = tmp_path / 'other.yaml'
@@ -435,6 +443,7 @@ def test_resume_advice_names_only_what_the_user_gave(finished_run, tmp_path, cap
     assert 'drop --img-size 64' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_failed_overwrite_says_where_the_earlier_run_is(finished_run, monkeypatch, capsys):
     from train_scripts import trainer
 

@@ -481,6 +481,7 @@ def test_export_records_data_paths_without_machine_paths(tmp_path, monkeypatch):
     assert public_data_source('uoft-cs/cifar10') == 'uoft-cs/cifar10' and public_data_source('builtin') == 'builtin'
 
 
+@pytest.mark.slow
 def test_export_cli_is_reproducible_and_verified(exported, tmp_path):
     out = tmp_path / 'hub'
     args = ['export', str(exported['run']), '--out', str(out), '--models', 'alexnet_spot,damage_repair_generator',

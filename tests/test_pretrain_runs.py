@@ -17,6 +17,9 @@ import timm
 import timm_spot  # noqa: F401
 from train_scripts.pretrain import main
 
+# every test here is a pretraining run (most in a subprocess): the slow lane
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / 'train_scripts' / 'pretrain.py')
 WEIGHT_FILES = ('alexnet_spot.safetensors', 'alexnet_spot_discriminator.safetensors',

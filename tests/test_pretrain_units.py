@@ -360,6 +360,7 @@ def test_atomic_write_keeps_old_file_when_the_writer_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ['w.safetensors']  # temp file cleaned up
 
 
+@pytest.mark.slow
 def test_atomic_write_survives_sigkill_mid_write(tmp_path):
     target = tmp_path / 'config.yaml'
     atomic_write_text(str(target), 'old: 1\n')
@@ -402,6 +403,7 @@ def test_dcgan_generator_shape():
     assert out.shape == (3, 3, 48, 48) and out.abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_discriminator_learns_real_vs_corrupt_above_chance():
     """Tiny overfit: C (real/corrupt + mask heads, the recipe's losses and Adam settings) separates images from
     copies whose 16x16 cells were replaced by flat averages, and locates the damaged cells."""
@@ -527,6 +529,7 @@ def _rss_after_freeing_64mb(retain: bool) -> tuple:
     return tuple(float(v) for v in out.stdout.split())
 
 
+@pytest.mark.slow
 def test_retain_freed_memory_keeps_freed_blocks_and_restores_glibc_defaults():
     """With the setting, a freed 64 MB tensor stays resident (the next step reuses it without page faults); with
     glibc's defaults restored, it is unmapped at once."""

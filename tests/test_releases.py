@@ -94,6 +94,7 @@ def seeded_cache(tmp_path_factory):
     return cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', PRETRAINED)
 def test_release_loads_by_tag_and_hf_hub_name_offline(monkeypatch, seeded_cache, name):
     use_cache(monkeypatch, seeded_cache)

@@ -142,6 +142,7 @@ def _run(tmp_path, name, **over):
     return out
 
 
+@pytest.mark.slow
 def test_joint_update_takes_both_gradients_at_the_same_c(tmp_path):
     seq = _run(tmp_path, 'seq', objective='code', update='sequential', stage2_steps=1)
     joint = _run(tmp_path, 'joint', objective='code', update='joint', stage2_steps=1)
@@ -158,6 +159,7 @@ def test_joint_update_takes_both_gradients_at_the_same_c(tmp_path):
         assert key in last, key
 
 
+@pytest.mark.slow
 def test_shortcut_records_follow_shortcut_every_whatever_log_every(tmp_path):
     out = _run(tmp_path, 'cadence', objective='anti_shortcut', stage2_steps=4, log_every=2, shortcut_every=3)
     recs = [json.loads(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]

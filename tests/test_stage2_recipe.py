@@ -143,6 +143,7 @@ def test_precision_and_thread_defaults(monkeypatch):
         C.resolve({'generator_loss': 'minimax'})
 
 
+@pytest.mark.slow
 def test_stage2_snapshots_and_code_objective_run(tmp_path):
     from train_scripts.trainer import Pretrainer
 

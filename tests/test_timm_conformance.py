@@ -27,6 +27,9 @@ from timm_conformance import load_timm_test_models, timm_tests_dir
 
 import timm_spot  # noqa: F401
 
+# timm's whole model suite on three models, and a Hub cache seeded in a subprocess: the slow lane
+pytestmark = pytest.mark.slow
+
 OUR_MODELS = ('alexnet_spot', 'alexnet_spot_discriminator', 'damage_repair_generator')
 
 # timm test function -> batch size it is parametrised with in timm

@@ -233,10 +233,13 @@ class DamageRepairGenerator(nn.Module):
     timm API: ``forward_features(x)`` returns the generated image ``[B, in_chans, H, W]`` (train mode:
     ``damage_and_repair`` with a fresh mask, like dropout; eval mode: ``autoencode``, deterministic), so
     ``num_features == in_chans``; ``forward_head`` / ``forward`` apply a timm ``ClassifierHead`` (``num_classes=0``
-    and ``global_pool=''`` return the images themselves). ``feature_info`` lists the ``k + 1`` encoder outputs
-    ``encoder.0`` .. ``encoder.k`` (reductions 1, 2, .., 2**k), used by ``features_only=True`` and
-    ``forward_intermediates``. ``prune_intermediate_layers`` keeps the encoder up to the last wanted tap and (with
-    the head) drops the decoder, repair network and ``to_rgb``; ``forward_features`` then returns that encoder tap.
+    and ``global_pool=''`` return the images themselves). The default ``forward`` pools (``[B, in_chans]``) because
+    timm's contract requires it: timm's model tests remove the classifier with ``reset_classifier(0)``, which keeps
+    the pooling, and expect a 2-D ``[B, head_hidden_size]`` output, so a ``global_pool=''`` default fails them.
+    ``feature_info`` lists the ``k + 1`` encoder outputs ``encoder.0`` .. ``encoder.k`` (reductions 1, 2, .., 2**k),
+    used by ``features_only=True`` and ``forward_intermediates``. ``prune_intermediate_layers`` keeps the encoder up
+    to the last wanted tap and (with the head) drops the decoder, repair network and ``to_rgb``; ``forward_features``
+    then returns that encoder tap.
     Inputs must have ``in_chans`` channels and H, W multiples of ``2**k`` (ValueError otherwise).
     """
 
@@ -265,7 +268,8 @@ class DamageRepairGenerator(nn.Module):
         Args:
             in_chans: Image channels (input and generated output).
             num_classes: Classes of the timm head on the pooled generated image (0: no classifier).
-            global_pool: timm global pooling of the head ('' keeps the image).
+            global_pool: timm global pooling of the head ('' keeps the image; the default pools, as timm's
+                model contract asks of ``forward``).
             drop_rate: Dropout before the head's classifier.
             stem_width: Filters of the 3x3 stride-1 first encoder layer and of the last decoder layer (32).
             widths: Filters of the stride-2 encoder layers; ``k = len(widths)`` (paper: 64, 128, 256, 512).
@@ -497,35 +501,41 @@ class DamageRepairGenerator(nn.Module):
         return mask * phi + (1. - mask) * fill
 
     def repair_decode(self, phi_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """D_hat = {R_1, D_1, R_2, ..., D_k, R_{k+1}}: damaged feature + mask -> corrupt image x_hat in [-1, 1].
+        """D_hat = {R_1, D_1, R_2, ..., D_k, R_{k+1}} (Eqs. 1-2): damaged feature + mask -> corrupt image in [-1, 1].
 
-        The mask is nearest-neighbour upsampled to every decoder resolution. ``repair='local'`` applies all
-        blocks before D_1, ``repair='none'`` decodes phi_hat directly.
+        ``repair='distributed'`` (the paper), with Omega_j the drop mask nearest-neighbour upsampled to the
+        resolution after D_j (Omega_0 = Omega)::
+
+            x_0 = phi_hat
+            x_j = D_j(R_j(x_{j-1}, Omega_{j-1}))    for j = 1 .. k
+            x_hat = tanh(to_rgb(R_{k+1}(x_k, Omega_k)))
+
+        ``repair='local'``: x_hat = D(R_{k+1}(... R_1(phi_hat, Omega) ..., Omega)); ``repair='none'``: D(phi_hat).
         """
         mask = check_drop_mask(mask, phi_hat)
-        use_ckpt = self.grad_checkpointing and not torch.jit.is_scripting()
         x = phi_hat
-        # NOTE TorchScript can neither slice nor index an nn.ModuleList with a variable, the loops below pick the
-        # repair block for each position by comparing (unrolled) loop indices instead
-        for i, block in enumerate(self.repair):
-            if self.repair_mode == 'local' or i == 0:
-                if use_ckpt and not torch.jit.is_scripting():
-                    x = checkpoint(block, x, mask)
+        if self.repair_mode != 'distributed':
+            for r_i in self.repair:  # 'local': every R before D; 'none': no R
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(r_i, x, mask)
                 else:
-                    x = block(x, mask)
-        for j, layer in enumerate(self.decoder):
-            if use_ckpt and not torch.jit.is_scripting():
-                x = checkpoint(layer, x)
+                    x = r_i(x, mask)
+            return self.decode(x)
+
+        for r_j, d_j in zip(self.repair, self.decoder):  # R_1, D_1, ..., R_k, D_k
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(r_j, x, _resize_mask(mask, x))
+                x = checkpoint(d_j, x)
             else:
-                x = layer(x)
-            if self.repair_mode == 'distributed':
-                mask_j = _resize_mask(mask, x)
-                for k, block_k in enumerate(self.repair):
-                    if k == j + 1:
-                        if use_ckpt and not torch.jit.is_scripting():
-                            x = checkpoint(block_k, x, mask_j)
-                        else:
-                            x = block_k(x, mask_j)
+                x = d_j(r_j(x, _resize_mask(mask, x)))
+        # R_{k+1}, the one block after the last decoder layer (TorchScript cannot index a ModuleList with a variable
+        # or call the blocks of a slice of one, so it is found by position)
+        for i, r_last in enumerate(self.repair):
+            if i == len(self.decoder):
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(r_last, x, _resize_mask(mask, x))
+                else:
+                    x = r_last(x, _resize_mask(mask, x))
         return self._to_image(x)
 
     def damage_and_repair(
