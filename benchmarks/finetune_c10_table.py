@@ -49,6 +49,43 @@ def markdown(summary: dict) -> List[str]:
     return lines
 
 
+def verdict(summary: dict, init: str) -> str:
+    """One plain sentence: at which label fractions ``init`` beats random init by more than the seeds' spread.
+
+    "Helps" needs a positive paired gain larger than its SD over seeds (or, with one seed, larger than 1 point).
+    """
+    parts = []
+    for variant, by_fraction in summary['table'].items():
+        for f, cell in by_fraction.items():
+            g = (cell.get(init) or {}).get('gain_vs_random')
+            if not g:
+                continue
+            clear = g['mean'] > (g['sd'] if g['sd'] is not None else 1.0)
+            sd = f" ± {g['sd']:.1f}" if g['sd'] is not None else ' (one seed)'
+            parts.append((variant, f, clear, f"{g['mean']:+.1f}{sd}"))
+    helps = [f'{f} ({v}: {t})' for v, f, c, t in parts if c]
+    not_helps = [f'{f} ({v}: {t})' for v, f, c, t in parts if not c]
+    text = f'Against random initialisation, {init} helps at ' + (', '.join(helps) if helps else 'no label fraction')
+    if not_helps:
+        text += '; it does not clearly help at ' + ', '.join(not_helps)
+    return text + ' (held-out top-1 points, paired by label subset and seed).'
+
+
+def hub_entry(summary: dict, init: str, command: str) -> dict:
+    """The ``finetuning`` entry a Hub card renders (hub/card.py: finetuning_results)."""
+    p = summary['protocol']
+    protocol = (f"timm's own train.py fine-tunes `timm.create_model('alexnet_spot', pretrained=..., num_classes=10)` "
+                f"(conv1-conv5, average pool, linear) on CIFAR-10 at 64 px with {', '.join(p['fractions_per_class'])} "
+                f"of the 4,450 labelled images per class that pretraining could see; validate.py scores it on the "
+                f"{p['held_out_per_class']} held-out images per class. AdamW (weight decay 0.05), cosine, batch "
+                f"{p['batch_size']}, epochs {p['epochs']} per fraction for every initialisation; the learning rate of "
+                f"each initialisation is chosen on a separate validation split ({p['val_per_class']} per class), "
+                f"never on the held-out rows. `frozen`: conv1-conv5 fixed (`freeze_trunk=True`), only the head "
+                f"trains. Device: {p['device']}.")
+    return {'protocol': protocol, 'command': command, 'this_weights': init, 'table': summary['table'],
+            'summary': verdict(summary, init)}
+
+
 def draw(summary: dict, path: str) -> None:
     """One panel per variant: x = label fraction (log), y = held-out top-1 %, one line per init, SD bars."""
     from PIL import Image, ImageDraw, ImageFont
@@ -102,9 +139,26 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('summary', help="finetune_c10.py's JSON")
     p.add_argument('--figure', default=None, help='PNG to draw')
+    p.add_argument('--hub-results', default=None,
+                   help="a Hub results file (hub/results_<tag>.json): its alexnet_spot entry gets 'finetuning'")
+    p.add_argument('--this-weights', default=None, help='the initialisation that is the weights of that Hub folder')
+    p.add_argument('--command', default=None, help="the benchmark's command as the card should print it")
     args = p.parse_args(argv)
     summary = json.load(open(args.summary))
     print('\n'.join(markdown(summary)))
+    for init in summary['inits']:
+        if init != 'random':
+            print(verdict(summary, init))
+    if args.hub_results:
+        if args.this_weights not in summary['inits']:
+            p.error(f"--this-weights must name one of {list(summary['inits'])}")
+        results = json.load(open(args.hub_results))
+        results.setdefault('alexnet_spot', {})['finetuning'] = hub_entry(
+            summary, args.this_weights, args.command or summary['command'])
+        with open(args.hub_results, 'w') as f:
+            json.dump(results, f, indent=1)
+            f.write('\n')
+        print(f'wrote the fine-tuning entry into {args.hub_results}')
     if args.figure:
         draw(summary, args.figure)
         print(f'wrote {args.figure}')

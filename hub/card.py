@@ -216,6 +216,23 @@ def normalize_results(results: Any, model_name: str) -> List[Dict[str, Any]]:
     return [_normalize_eval(i) for i in items]
 
 
+def finetuning_results(results: Any, model_name: str) -> Optional[Dict[str, Any]]:
+    """The fine-tuning benchmark entry of ``model_name`` in ``results`` (``{model: {"finetuning": {...}}}``), or None.
+
+    Written by ``benchmarks/finetune_c10_table.py --hub-results``; checked here so a card never shows a half entry.
+    """
+    if isinstance(results, (str, os.PathLike)):
+        results = json.loads(Path(results).read_text(encoding='utf-8'))
+    entry = (results or {}).get(model_name) if isinstance(results, dict) else None
+    entry = entry.get('finetuning') if isinstance(entry, dict) else None
+    if entry is None:
+        return None
+    missing = [k for k in ('protocol', 'command', 'this_weights', 'table', 'summary') if k not in entry]
+    if missing:
+        raise ValueError(f'results: the fine-tuning entry of {model_name} lacks {missing}')
+    return entry
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # card
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,6 +301,7 @@ def render_card(
         git_revision: Optional[str] = None,
         storage: Optional[Dict[str, Any]] = None,
         data_description: Optional[str] = None,
+        finetuning: Optional[Dict[str, Any]] = None,
 ) -> str:
     """The README.md of one exported model folder.
 
@@ -291,7 +309,8 @@ def render_card(
     id), an explicit license, a pipeline tag only where the model's ``forward`` does what the pipeline promises,
     a Usage snippet that runs as written (it makes its own image), and a git commit only when the tree was clean
     (``git_revision`` ending in ``-dirty`` is reported as uncommitted changes, with a warning).
-    ``data_description``: a sentence replacing the generated "Pretraining data" entry.
+    ``data_description``: a sentence replacing the generated "Pretraining data" entry; ``finetuning``: the
+    fine-tuning benchmark entry (:func:`finetuning_results`).
     """
     info = _MODEL_INFO[name]
     pcfg = config.get('pretrained_cfg', {})
@@ -313,6 +332,7 @@ def render_card(
                               data_description or _data_text(data_source, ds_list))
     lines += _usage_section(info, model_id, repo_id, registry)
     lines += _results_section(evaluations)
+    lines += _finetuning_section(finetuning) if finetuning else []
     lines += _training_section(metadata, metrics, has_training_config, git_revision, dirty)
     lines += ['', '## Citation', '', '```bibtex', _CITATION, '```', '']
     return '\n'.join(lines)
@@ -469,6 +489,37 @@ def _results_section(evaluations: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def _finetuning_section(entry: Dict[str, Any]) -> List[str]:
+    """"Fine-tuning": held-out top-1 per initialisation and label fraction, with the paired gain over random."""
+    lines = ['### Fine-tuning through timm\'s train.py (does `pretrained=True` help?)', '', entry['summary'], '',
+             entry['protocol'], '']
+    for variant, by_fraction in entry['table'].items():
+        fractions = [f for f, cell in by_fraction.items() if cell]
+        if not fractions:
+            continue
+        lines += [f'{variant}: held-out top-1 %, mean ± SD over seeds (n), [paired gain over random init]', '',
+                  '| initialisation | ' + ' | '.join(f'{f} of the labels' for f in fractions) + ' |',
+                  '|---|' + '---:|' * len(fractions)]
+        inits = list(dict.fromkeys(i for f in fractions for i in by_fraction[f]))
+        for init in inits:
+            cells = [_finetuning_cell(by_fraction[f].get(init)) for f in fractions]
+            label = f"{init} (these weights)" if init == entry['this_weights'] else init
+            lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+        lines.append('')
+    return lines + [f"Command: `{entry['command']}`", '']
+
+
+def _finetuning_cell(cell: Optional[Dict[str, Any]]) -> str:
+    if not cell:
+        return '-'
+    text = f"{cell['mean']:.1f}" + (f" ± {cell['sd']:.1f}" if cell.get('sd') is not None else '') + \
+        f" (n={cell['seeds']})"
+    gain = cell.get('gain_vs_random')
+    if gain:
+        text += f" [{gain['mean']:+.1f}" + (f" ± {gain['sd']:.1f}" if gain.get('sd') is not None else '') + ']'
+    return text
+
+
 def _training_section(metadata: Dict[str, str], metrics: Optional[Dict[str, Any]], has_training_config: bool,
                       git_revision: Optional[str], dirty: bool) -> List[str]:
     """"Training": the config hash, the software versions and commit, the weights' source file and the log."""
@@ -539,6 +590,7 @@ def refresh_card(folder: PathLike, git_revision: Optional[str],
     registry = registry_report(name, config.get('model_args', {}), shapes, tag=tag, img_size=img_size)
     results_file = folder.parent / f'results_{tag}.json'
     evaluations = normalize_results(results_file, name) if results_file.is_file() else []
+    finetuning = finetuning_results(results_file, name) if results_file.is_file() else None
     storage = None
     if metadata.get('storage_check'):
         storage = json.loads(metadata['storage_check'])
@@ -558,7 +610,7 @@ def refresh_card(folder: PathLike, git_revision: Optional[str],
         metadata=metadata, registry=registry, evaluations=evaluations, metrics=_parse_log_line(old_body),
         datasets=old_front.get('datasets'), data_source=metadata.get('training_data'), num_params=num_params,
         warnings=notes, has_training_config=(folder / 'training_config.yaml').is_file(),
-        git_revision=git_revision, storage=storage, data_description=data_description)
+        git_revision=git_revision, storage=storage, data_description=data_description, finetuning=finetuning)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

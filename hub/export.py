@@ -47,7 +47,7 @@ from timm_spot.run_layout import MODEL_NAMES, RunLayout
 
 from ._files import (PathLike, canonicalize_safetensors, describe_files, public_data_source, read_safetensors_header,
                      file_sha256)
-from .card import normalize_results, render_card
+from .card import finetuning_results, normalize_results, render_card
 from .provenance import _import_models, _is_registered, _jsonable, git_revision, registry_report
 
 __all__ = [
@@ -422,7 +422,8 @@ def export_model(
         evaluations = normalize_results(results, name) if results is not None else []
         card = render_card(
             name=name, repo_id=repo_id, config=config, metadata=metadata, registry=registry,
-            evaluations=evaluations, metrics=run.metrics, datasets=datasets, data_source=data_source,
+            evaluations=evaluations, finetuning=finetuning_results(results, name) if results is not None else None,
+            metrics=run.metrics, datasets=datasets, data_source=data_source,
             num_params=sum(int(t.numel()) for k, t in tensors.items() if not k.endswith('num_batches_tracked')),
             warnings=warns, has_training_config=run.config_path is not None, git_revision=git_revision(),
             storage=storage,

@@ -166,3 +166,40 @@ def test_benchmark_runs_timms_train_and_validate_end_to_end(tmp_path, monkeypatc
     before = len(open(tmp_path / 'work' / 'results.jsonl').readlines())
     ft.main(args)
     assert len(open(tmp_path / 'work' / 'results.jsonl').readlines()) == before
+
+
+def _summary_for_card():
+    rows = []
+    for init, base in (('random', 30.0), ('v2', 36.0)):
+        for lr, v in zip(ft.LR_GRID['finetune'], (1.0, 2.0, 3.0)):
+            rows.append(_row(init, lr, v, base if lr == 1e-3 else 0.0))
+        rows += [_row(init, 1e-3, 0.0, base + 1.0, seed=1), _row(init, 1e-3, 0.0, base - 1.0, seed=2)]
+    return {'inits': {'random': None, 'v2': 'x/model.safetensors'}, 'command': 'python benchmarks/finetune_c10.py',
+            'protocol': {'fractions_per_class': ft.FRACTIONS, 'held_out_per_class': 500, 'val_per_class': 50,
+                         'batch_size': 64, 'epochs': ft.SCHEDULE, 'device': 'cpu'},
+            'table': ft.summarise(rows, ['random', 'v2'], ['finetune'])}
+
+
+def test_hub_card_shows_the_benchmark_with_a_plain_verdict():
+    import importlib
+
+    from hub.card import _finetuning_section, finetuning_results
+
+    table_mod = importlib.util.spec_from_file_location(
+        'finetune_c10_table', os.path.join(os.path.dirname(_PATH), 'finetune_c10_table.py'))
+    tab = importlib.util.module_from_spec(table_mod)
+    table_mod.loader.exec_module(tab)
+    entry = tab.hub_entry(_summary_for_card(), 'v2', 'python benchmarks/finetune_c10.py --init random v2=W')
+    assert entry['summary'].startswith('Against random initialisation, v2 helps at 1% (finetune: +6.0 ± 0.0)')
+    assert finetuning_results({'alexnet_spot': {'finetuning': entry}}, 'alexnet_spot') is entry
+    assert finetuning_results({'alexnet_spot': {'evaluations': []}}, 'alexnet_spot') is None
+    text = '\n'.join(_finetuning_section(entry))
+    assert '| v2 (these weights) | 36.0 ± 1.0 (n=3) [+6.0 ± 0.0] |' in text
+    assert '| random | 30.0 ± 1.0 (n=3) |' in text
+    with pytest.raises(ValueError, match='lacks'):
+        finetuning_results({'alexnet_spot': {'finetuning': {'table': {}}}}, 'alexnet_spot')
+    # a gain inside the seeds' spread is not called help
+    summary = _summary_for_card()
+    cell = summary['table']['finetune']['1%']['v2']
+    cell['gain_vs_random'] = {'mean': 0.5, 'sd': 1.5}
+    assert 'does not clearly help at 1% (finetune: +0.5 ± 1.5)' in tab.verdict(summary, 'v2')
