@@ -31,8 +31,7 @@ def single_thread():
     """Run per-image tensor ops with one intra-op thread.
 
     Tiny tensors (one 64..224-px image) gain nothing from a thread pool, and on a busy machine an OpenMP barrier per
-    op costs milliseconds (measured 0.08 ms -> 24 ms for ``to_tensor`` of a 128-px image with 2 threads on 2 busy
-    cores). Batched model forward passes keep the configured thread count.
+    op can cost more than the op itself. Batched model forward passes keep the configured thread count.
     """
     n = torch.get_num_threads()
     if n == 1:
