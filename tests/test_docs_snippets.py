@@ -47,6 +47,7 @@ SHORT_RUN = [
     (r'timm-spot (--threads \d+ )?transfer finetune', '--train-per-class 5 --val-per-class 3 --ft-epochs 1 --epochs 1'),
     (r'timm-spot (--threads \d+ )?figure neighbors', '--max-images 24'),
     (r'timm_spot\.data\.imagefolder', '--train-per-class 6 --val-per-class 3'),
+    (r'\$TIMM_SCRIPTS_DIR/train\.py', '--epochs 2 -b 16'),
 ]
 
 FENCE = re.compile(r'^```(\w*)\n(.*?)^```', re.M | re.S)
