@@ -216,8 +216,8 @@ class RunConfig:
                                                   "parameters stay contiguous ('auto': on with bf16 and on GPUs)",
                                           choices=(True, False, 'auto'))
     compile: bool = opt(False, "torch.compile (inductor, through Accelerate's dynamo_backend) the prepared forwards "
-                               "(stage 1: D(E(x)); stage 2: C's step and R); graphs that do not compile run eagerly "
-                               "with a warning. Off by default: slower on this project's CPU (benchmarks/README.md)")
+                               "(stage 1: D(E(x)); stage 2: C's step and R); a graph that does not compile stops the "
+                               "run with dynamo's error (no silent eager fallback). Off by default: slower on this project's CPU (benchmarks/README.md)")
     retain_freed_memory: bool = opt(True, 'CPU: keep freed tensor memory in the heap for the next step instead of '
                                           'unmapping it (glibc mallopt; train_scripts/allocator.py): large tensors '
                                           'are not page-faulted in again every step')
