@@ -81,6 +81,11 @@ class StepContext:
         return self.accelerator.process_index
 
     @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all processes (batch_size x processes): what ``lr_scaling`` scales by."""
+        return self.cfg.schedule.batch_size * self.accelerator.num_processes
+
+    @property
     def autocast(self):
         return self.accelerator.autocast
 

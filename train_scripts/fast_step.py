@@ -167,7 +167,7 @@ class FastStage1(Stage1):
             self.forward = Compiled(self.model, 'the stage-1 autoencoder forward', compile_backend)
 
     def step(self, step: int, x: torch.Tensor) -> Optional[Dict[str, float]]:
-        lr = learning_rate(step, self.total, self.t.cfg.optim)
+        lr = learning_rate(step, self.total, self.t.cfg.optim, self.t.global_batch)
         rec = reconstruction_loss(self.forward(x), x, self.weight)
         self.meters.add(step, self.ae(step, lr, rec, {'ae_rec': rec}))
         if (step + 1) % self.read_every == 0:
@@ -227,7 +227,7 @@ class FastStage2(Stage2):
              history_generator: Optional[torch.Generator] = None) -> Optional[Dict[str, float]]:
         """One iteration; ``mask`` / ``history_generator`` given: those draws instead of the device's (tests)."""
         t, b = self.t, x.shape[0]
-        lr = learning_rate(step, self.total, t.cfg.optim)
+        lr = learning_rate(step, self.total, t.cfg.optim, t.global_batch)
         joint = t.cfg.method.update == 'joint'
         with phase('stage2: real and corrupt examples'):
             phi, x_real = self.real_and_phi(x)

@@ -5,8 +5,8 @@ then training with the fast steps for the rest of the time budget. Made for one 
 
 Timing, per stage (1, 2), image size (``--px``) and batch (``--batch``, ``--baseline-batch``): rounds alternate the
 reference step (``Stage*.step`` on a batch already on the device: no data loading, generous to it) and the fast step
-(its on-device batch, ``DeviceImages.batch``, included), each seeded per step as the trainer does; img/s = batch /
-median step time. FLOPs per step are counted (``FlopCounterMode``, as benchmark.py) and divided by the card's dense
+(its on-device batch, ``DeviceImages.batch``, included; ``--fixed-batch`` adds the fast step on the reference's batch),
+each seeded per step as the trainer does; img/s = batch / median step time. FLOPs per step are counted (``FlopCounterMode``, as benchmark.py) and divided by the card's dense
 bf16 peak (``PEAK_BF16``; elsewhere one large bf16 convolution's FLOP/s measured here). Peak memory per measurement.
 
 Training: CIFAR-10 decoded once onto the device, stage 1 then stage 2 with the fast steps at ``--train-px``; metrics
@@ -88,7 +88,7 @@ def make_step(number: int, ctx, x, data: DeviceImages, variant: str, read_every:
 
     def run(step):
         torch.manual_seed(derive_seed(ctx.seed, number, step, 0, TAG_TORCH))
-        if variant == 'reference':
+        if variant in ('reference', 'fast_fixed_batch'):
             return stage.step(step, x)
         return stage.step(step, ctx.memory_format(data.batch(step)))
     return run, stage
@@ -103,7 +103,9 @@ def measure(args, number: int, px: int, batch: int, tmp: str) -> list:
                         seed=ref_ctx.seed, stage=number)
     name, peak, peak_kind = peak_flops(ref_ctx)
     rows, fns, times, mem, flops = {}, {}, {}, {}, {}
-    for variant in ['reference', 'fast'] + (['fast_compiled'] if args.compile else []):
+    variants = ['reference', 'fast'] + (['fast_fixed_batch'] if args.fixed_batch else []) + \
+        (['fast_compiled'] if args.compile else [])
+    for variant in variants:
         rows[variant] = dict(stage=number, px=px, batch=batch, variant=variant, device=name, precision=precision,
                              channels_last=ref_ctx.channels_last, peak_flops=peak, peak_kind=peak_kind)
         fns[variant], _ = make_step(number, ref_ctx if variant == 'reference' else fast_ctx, x, data, variant)
@@ -143,7 +145,7 @@ def summarise(rows: list) -> list:
         for px in sorted({r['px'] for r in rows if r['stage'] == stage}):
             mine = [r for r in rows if r['stage'] == stage and r['px'] == px and 'img_per_s' in r]
             base = [r for r in mine if r['variant'] == 'reference']
-            new = [r for r in mine if r['variant'] != 'reference']
+            new = [r for r in mine if r['variant'] in ('fast', 'fast_compiled')]  # with their on-device data
             if not base or not new:
                 continue
             b = min(base, key=lambda r: r['batch'])  # today's recipe batch
@@ -230,6 +232,8 @@ def parse(argv=None):
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--stages', default='1,2')
     p.add_argument('--compile', action='store_true', help='also time the fast step with torch.compile')
+    p.add_argument('--fixed-batch', action='store_true', help="also time the fast step on the reference's fixed batch "
+                                                               '(the step alone, without its on-device augmentation)')
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--budget-s', type=float, default=450.0, help='whole run, timing included (leave margin to 8 min)')
     p.add_argument('--train-seconds', type=float, default=None, help='training time (default: what the budget leaves)')
