@@ -123,3 +123,41 @@ def test_from_dataset_decodes_cifar10_rows():
     first = np.array(ds[0]['image'].convert('RGB'))
     assert torch.equal(data.images[0], torch.from_numpy(first).permute(2, 0, 1))
     assert data.batch(0).shape == (8, 3, 64, 64)
+
+
+def test_crops_of_padded_images_stay_inside_each_image():
+    # two images of one value, different sizes, zero-padded into one batch: a crop reading the padding would be darker
+    images = torch.zeros(2, 3, 40, 60, dtype=torch.uint8)
+    images[0, :, :40, :30] = 200
+    images[1, :, :20, :60] = 200
+    sizes = torch.tensor([[40., 30.], [20., 60.]])
+    aug = _aug(interpolation='bilinear', color_jitter=False, crop_scale=[0.05, 1.0])
+    for seed in range(20):
+        out = augment_batch(images, aug, device_generator(torch.device('cpu'), seed), sizes=sizes)
+        torch.testing.assert_close(out, torch.full_like(out, 200 / 255 * 2 - 1), atol=1e-5, rtol=0)
+    boxes = crop_boxes(2, sizes[:, 0], sizes[:, 1], (0.05, 1.0), (0.75, 1.33), device_generator(torch.device('cpu'), 0),
+                       'cpu')
+    assert (boxes[:, 0] + boxes[:, 2] <= sizes[:, 0]).all() and (boxes[:, 1] + boxes[:, 3] <= sizes[:, 1]).all()
+
+
+def test_decode_jpegs_matches_pil_and_pads():
+    import io
+    from PIL import Image
+    from train_scripts.device_data import decode_jpegs
+    rng = np.random.default_rng(0)
+    encoded, arrays = [], []
+    for h, w in ((20, 30), (32, 16)):
+        array = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format='JPEG', quality=95)
+        encoded.append(buf.getvalue())
+        arrays.append(np.array(Image.open(io.BytesIO(buf.getvalue())).convert('RGB')))
+    images, sizes = decode_jpegs(encoded, 'cpu')
+    assert images.shape == (2, 3, 32, 30) and sizes.tolist() == [[20, 30], [32, 16]]
+    for k, ref in enumerate(arrays):
+        h, w = ref.shape[:2]
+        got = images[k, :, :h, :w].permute(1, 2, 0).numpy().astype(np.int16)
+        assert np.abs(got - ref).mean() < 2.0  # two JPEG decoders, IDCT rounding
+        assert images[k, :, h:, :].sum() == 0 and images[k, :, :, w:].sum() == 0
+    with pytest.raises(DataError, match='no images'):
+        decode_jpegs([], 'cpu')

@@ -44,33 +44,34 @@ def _uniform(shape, low, high, g: torch.Generator, device) -> torch.Tensor:
     return low + (high - low) * torch.rand(shape, generator=g, device=device)
 
 
-def crop_boxes(batch: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
-               g: torch.Generator, device, attempts: int = 10) -> torch.Tensor:
+def crop_boxes(batch: int, height, width, scale: Sequence[float], ratio: Sequence[float], g: torch.Generator, device,
+               attempts: int = 10) -> torch.Tensor:
     """``[B, 4]`` float (top, left, h, w) of random resized crops, drawn in one batch: the rule of
     :func:`~train_scripts.batches.crop_params` (area fraction in ``scale``, aspect w/h log-uniform in ``ratio``,
-    the first of ``attempts`` draws that fits, else the largest central crop within ``ratio``)."""
-    area = height * width
+    the first of ``attempts`` draws that fits, else the largest central crop within ``ratio``). ``height`` /
+    ``width``: ints (one image size) or ``[B]`` tensors (each image's own size, e.g. JPEGs decoded on the device)."""
+    height = torch.as_tensor(height, dtype=torch.float32, device=device).expand(batch)
+    width = torch.as_tensor(width, dtype=torch.float32, device=device).expand(batch)
+    area = (height * width)[:, None]
     target = area * _uniform((batch, attempts), scale[0], scale[1], g, device)
     aspect = torch.exp(_uniform((batch, attempts), math.log(ratio[0]), math.log(ratio[1]), g, device))
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = torch.argmax(fits.int(), dim=1, keepdim=True)  # first fitting attempt (0 when none fits)
     any_fit = fits.any(dim=1)
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
     u = torch.rand((batch, 2), generator=g, device=device)
-    top = torch.floor(u[:, 0] * (height - h + 1)).clamp(0, height - 1)
-    left = torch.floor(u[:, 1] * (width - w + 1)).clamp(0, width - 1)
-    in_ratio = width / height  # the fallback is the same for every sample
-    if in_ratio < ratio[0]:
-        fw, fh = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fh, fw = height, int(round(height * ratio[1]))
-    else:
-        fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float32, device=device)
+    top = torch.floor(u[:, 0] * (height - h + 1)).clamp(min=0).minimum(height - 1)
+    left = torch.floor(u[:, 1] * (width - w + 1)).clamp(min=0).minimum(width - 1)
+    # no draw fits: the largest central crop whose aspect ratio is within ``ratio``
+    in_ratio = width / height
+    fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    fallback = torch.stack([torch.div(height - fh, 2, rounding_mode='floor'),
+                            torch.div(width - fw, 2, rounding_mode='floor'), fh, fw], dim=1)
     boxes = torch.stack([top, left, h, w], dim=1)
-    return torch.where(any_fit[:, None], boxes, fallback.expand_as(boxes))
+    return torch.where(any_fit[:, None], boxes, fallback)
 
 
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -106,13 +107,17 @@ def batched_color_jitter(x: torch.Tensor, g: torch.Generator, bright_max_delta: 
     return torch.where(brightness_first, first, second)
 
 
-def augment_batch(images: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, aug: AugmentConfig, g: torch.Generator,
+                  sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` on the device -> float ``[B, 3, S, S]`` in [-1, 1]: random resized crop,
     bilinear/bicubic resize (``interpolation: random`` picks per image), h-flip, colour jitter, as
-    :func:`~train_scripts.batches.train_transform` (module docstring: where it differs)."""
+    :func:`~train_scripts.batches.train_transform` (module docstring: where it differs). ``sizes``: ``[B, 2]``
+    (height, width) of each image where the batch is padded (:func:`decode_jpegs`): crops stay inside them."""
     b, _, height, width = images.shape
     dev = images.device
     x = images.float().div_(255.0)
+    if sizes is not None:
+        height, width = sizes[:, 0], sizes[:, 1]
     boxes = crop_boxes(b, height, width, aug.crop_scale, aug.crop_ratio, g, dev)
     coin = torch.rand((b, 2), generator=g, device=dev)
     if aug.interpolation == 'random':
@@ -126,6 +131,23 @@ def augment_batch(images: torch.Tensor, aug: AugmentConfig, g: torch.Generator) 
     if aug.color_jitter:
         out = batched_color_jitter(out, g)
     return (out * 2.0 - 1.0).clamp_(-1.0, 1.0)
+
+
+def decode_jpegs(encoded: Sequence[bytes], device) -> tuple:
+    """JPEG bytes -> (uint8 ``[B, 3, Hmax, Wmax]`` zero-padded at the bottom and right, ``[B, 2]`` (height, width)),
+    decoded by ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on CUDA, libjpeg on the CPU), RGB."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    if not encoded:
+        raise DataError('no images to decode')
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in encoded]
+    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    h = max(int(i.shape[1]) for i in images)
+    w = max(int(i.shape[2]) for i in images)
+    out = torch.zeros((len(images), 3, h, w), dtype=torch.uint8, device=device)
+    for k, image in enumerate(images):
+        out[k, :, :image.shape[1], :image.shape[2]] = image
+    sizes = torch.tensor([[i.shape[1], i.shape[2]] for i in images], dtype=torch.float32).to(device)
+    return out, sizes
 
 
 def _as_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
