@@ -149,3 +149,18 @@ def test_a_failed_compile_is_an_error_naming_the_part():
     with pytest.raises(CompileError, match='torch.compile of the test part failed'):
         Compiled(breaks, 'the test part', backend='eager')(torch.ones(2))
     assert torch.equal(Compiled(lambda x: x * 2, 'fine', backend='eager')(torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_on_the_cpu_the_device_draws_are_the_reference_draws(tmp_path):
+    """Masks and history picks drawn by the fast step itself (device generators; here the CPU's) come from the seeds
+    of the reference's host draws: on the CPU both steps train the same networks without handing draws over."""
+    _, (ref_ctx, fast_ctx) = _contexts(tmp_path)
+    ref, fast = Stage2(ref_ctx), FastStage2(fast_ctx, read_every=2)
+    for stage in (ref, fast):
+        stage.set_modes()
+    for step in range(STEPS):
+        for stage in (ref, fast):
+            torch.manual_seed(derive_seed(SEED, 2, step, 0, TAG_TORCH))
+            stage.step(step, _batch(step))
+    for a, b in zip(_params(ref), _params(fast)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

@@ -13,8 +13,9 @@ What differs from the reference step (stages.py), and what does not:
   ``read_every`` steps (one synchronisation then); a non-finite loss stops the run at that read, naming the loss and
   the steps it covers (the reference stops at the step itself);
 * C's monitors (accuracies, mask AUC, L1 on dropped pixels; logged, not trained on) are computed on read steps only;
-* R's backward reaches R's parameters alone (``backward(inputs=...)``) instead of switching C's ``requires_grad``
-  off and on every step (a DDP trap: parameters whose ``requires_grad`` changes while wrapped);
+* R's pass through C uses detached copies of C's parameters (``torch.func.functional_call``) instead of switching
+  C's ``requires_grad`` off and on every step (a DDP trap: parameters whose ``requires_grad`` changes while wrapped),
+  and each backward reaches its own network's parameters alone (``backward(inputs=...)``);
 * fp16 is refused (one GradScaler stepping two optimizers would update its scale twice per iteration): use bf16;
 * ``compile=True`` compiles the forwards (E/D, R, C with its losses) with ``fullgraph=True`` and static shapes: a
   graph that does not compile is a :class:`CompileError` naming the part, never a silent eager fallback.
@@ -33,7 +34,7 @@ from .history import HistoryBuffer
 from .losses import discriminator_objective, reconstruction_loss, repair_objective
 from .modes import preserved_batchnorm_stats
 from .optim import NonFiniteLossError, learning_rate
-from .stages import Stage1, Stage2, halves, phase
+from .stages import PretextForward, Stage1, Stage2, halves, phase
 
 
 class CompileError(RuntimeError):
@@ -198,6 +199,7 @@ class FastStage2(Stage2):
         self.c_update.check_finite = self.r_update.check_finite = _Deferred()
         self.c_update.backward = _backward_to(list(self.disc.parameters()))
         self.r_update.backward = _backward_to(self.r_params)
+        self.c_pretext = PretextForward(self.disc)  # not prepared: R's pass through C (repair_loss)
         self.real_and_phi, self.repair, self.c_forward = self._real_and_phi, self.source.module, self._c_forward
         if compile:
             self.real_and_phi = Compiled(self._real_and_phi, 'the frozen E and D (real examples)', compile_backend)
@@ -260,11 +262,14 @@ class FastStage2(Stage2):
         return self.meters.read(step)
 
     def repair_loss(self, x_real, x_hat, x, mask, b):
-        """L_R as the reference (stages.Stage2.repair_loss), with C's parameters left trainable: R's backward
-        reaches R's parameters alone (``backward(inputs=...)``), so ``requires_grad`` never flips."""
+        """L_R as the reference (stages.Stage2.repair_loss), C run with detached copies of its parameters
+        (``functional_call``) instead of switching their ``requires_grad`` off and on: no gradient, no activation
+        kept for one, and nothing changes under DDP."""
         t, w = self.t, self.w
+        frozen = {f'discriminator.{n}': p.detach() for n, p in self.disc.named_parameters()}
         with preserved_batchnorm_stats(self.disc), t.autocast():
-            r_logits, r_mask_logits = self.disc.forward_pretext(t.memory_format(torch.cat([x_real, x_hat])))
+            r_logits, r_mask_logits = torch.func.functional_call(self.c_pretext, frozen,
+                                                                 (t.memory_format(torch.cat([x_real, x_hat])),))
         (real, corrupt), (real_mask, corrupt_mask) = halves(r_logits, b), halves(r_mask_logits, b)
         if not t.cfg.method.r_real_half_grad:
             real = real.detach()
