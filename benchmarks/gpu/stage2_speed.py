@@ -62,7 +62,8 @@ def contexts(args, px: int, batch: int, tmp: str):
     """(reference context, fast context): the same networks' seeds and accelerator; the fast one with the
     device history buffer."""
     ns = types.SimpleNamespace(img_size=px, batch_size=batch, threads=args.threads, device=args.device)
-    ref, x, precision = bench.build_context(ns, tmp)
+    settings = {} if args.mixed_precision is None else dict(mixed_precision=args.mixed_precision)
+    ref, x, precision = bench.build_context(ns, tmp, **settings)
     cfg = ref.cfg
     history = DeviceHistory(cfg.method.history_batches * batch, cfg.method.history_fraction, enabled=cfg.method.history)
     fast = StepContext(cfg, ref.accelerator, ref.networks, history, ref.totals,
@@ -235,6 +236,8 @@ def parse(argv=None):
     p.add_argument('--fixed-batch', action='store_true', help="also time the fast step on the reference's fixed batch "
                                                                '(the step alone, without its on-device augmentation)')
     p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--mixed-precision', default=None, choices=('no', 'bf16'),
+                   help="default: the trainer's 'auto' (bf16 on GPUs and on CPUs with AMX / AVX512-BF16)")
     p.add_argument('--budget-s', type=float, default=450.0, help='whole run, timing included (leave margin to 8 min)')
     p.add_argument('--train-seconds', type=float, default=None, help='training time (default: what the budget leaves)')
     p.add_argument('--train-px', type=int, default=64)
