@@ -164,3 +164,19 @@ def test_on_the_cpu_the_device_draws_are_the_reference_draws(tmp_path):
             stage.step(step, _batch(step))
     for a, b in zip(_params(ref), _params(fast)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_parts_trace_as_one_graph_each_and_train_the_same(tmp_path):
+    """compile=True: E/D, R and C with L_C each trace as one graph (fullgraph; dynamo's 'eager' backend here, so the
+    test checks the tracing, not inductor's kernels) and the steps equal the reference's."""
+    _, (ref_ctx, fast_ctx) = _contexts(tmp_path)
+    ref, fast = Stage2(ref_ctx), FastStage2(fast_ctx, read_every=1, compile=True, compile_backend='eager')
+    assert isinstance(fast.c_forward, Compiled) and isinstance(fast.repair, Compiled)
+    for stage in (ref, fast):
+        stage.set_modes()
+    for step in range(3):
+        for stage in (ref, fast):
+            torch.manual_seed(derive_seed(SEED, 2, step, 0, TAG_TORCH))
+            stage.step(step, _batch(step))
+    for a, b in zip(_params(ref), _params(fast)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
