@@ -51,9 +51,7 @@ class Compiled:
     def __call__(self, *args, **kwargs):
         try:
             return self.fn(*args, **kwargs)
-        except NonFiniteLossError:
-            raise
-        except Exception as e:  # noqa: BLE001  (dynamo / inductor errors have many types: all are a failed compile)
+        except torch._dynamo.exc.TorchDynamoException as e:  # graph breaks (Unsupported), backend failures, ...
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CompileError(f'torch.compile of {self.name} failed ({type(e).__name__}: {reason}); the step does '
                                f'not fall back to eager: run without compile, or fix the graph') from e
