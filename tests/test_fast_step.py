@@ -75,7 +75,7 @@ def test_fast_stage2_equals_the_reference_step(tmp_path, objective):
     for step, (r, f) in enumerate(losses):
         for key in ('c_class', 'c_mask', 'c_total', 'r_adv', 'r_rec', 'r_total', 'history_fraction'):
             assert f[key] == pytest.approx(r[key], rel=1e-5, abs=1e-7), (step, key)
-        for key in ('acc_real', 'acc_corrupt', 'mask_acc'):  # monitors on read steps (every step here)
+        for key in ('acc_real', 'acc_corrupt', 'mask_acc', 'lr'):  # monitors on read steps (every step here)
             assert f[key] == pytest.approx(r[key], abs=1e-6), (step, key)
     moved = 0
     for p_ref, p_fast, p0 in zip(_params(ref), _params(fast), _params(Stage2(_contexts(tmp_path / 'init')[1][0]))):
@@ -137,9 +137,12 @@ def test_fp16_and_unsupported_ablations_are_refused(tmp_path):
         mixed_precision = 'fp16'
     with pytest.raises(ValueError, match='GradScaler'):
         refuse_fp16(type('T', (), {'accelerator': Acc()})())
-    _, (ctx, _) = _contexts(tmp_path, repair='none')
+    _, (host_history_ctx, ctx) = _contexts(tmp_path, repair='none')
     with pytest.raises(ValueError, match='reference step'):
         FastStage2(ctx)
+    _, (host_history_ctx, _) = _contexts(tmp_path / 'h')
+    with pytest.raises(ValueError, match='DeviceHistory'):
+        FastStage2(host_history_ctx)
 
 
 def test_a_failed_compile_is_an_error_naming_the_part():

@@ -177,6 +177,7 @@ class FastStage1(Stage1):
         out = self.meters.read(step)
         if out:
             out['ae_mse'] = out['ae_rec'] / self.weight
+        out['lr'] = learning_rate(step, self.total, self.t.cfg.optim, self.t.global_batch)
         return out
 
 
@@ -190,6 +191,9 @@ class FastStage2(Stage2):
         if t.cfg.method.generator != 'damage_repair' or t.cfg.method.repair == 'none':
             raise ValueError('the fast step runs damage & repair with a repair network; ablations (k) and (l) run on '
                              'the reference step (stages.py)')
+        if not isinstance(t.history, DeviceHistory):
+            raise ValueError('the fast step draws its history picks on the device: give its StepContext a '
+                             'DeviceHistory (fast_step.py), not a HistoryBuffer')
         super().__init__(t)
         assert isinstance(self.source, DamageAndRepair) and self.r_update is not None
         self.read_every, self.meters = read_every, DeviceMeters(2)
@@ -257,7 +261,9 @@ class FastStage2(Stage2):
         return None
 
     def read(self, step: int) -> Dict[str, float]:
-        return self.meters.read(step)
+        out = self.meters.read(step)
+        out['lr'] = learning_rate(step, self.total, self.t.cfg.optim, self.t.global_batch)
+        return out
 
     def repair_loss(self, x_real, x_hat, x, mask, b):
         """L_R as the reference (stages.Stage2.repair_loss), C run with detached copies of its parameters
