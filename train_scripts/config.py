@@ -111,6 +111,11 @@ class OptimConfig:
     weight_decay_biases: bool = opt(True, 'apply the weight decay to conv/linear biases too (not to BatchNorm)')
     bias_grad_mult: float = opt(1.0, 'multiply conv/linear bias gradients by this (the TF code uses 2.0; Adam is '
                                      'nearly invariant to it)')
+    lr_scaling: str = opt('none', "lr vs the global batch (batch_size x processes): 'none' (lr as given whatever the "
+                                  "batch), 'sqrt' (lr x sqrt(global batch / lr_reference_batch): the square-root rule "
+                                  "for Adam) or 'linear' (lr x global batch / lr_reference_batch)",
+                          choices=('none', 'sqrt', 'linear'))
+    lr_reference_batch: int = opt(64, 'the global batch at which lr holds as given (lr_scaling sqrt / linear)', low=1)
     r_lr_factor: float = opt(1.0, "R's learning rate as a multiple of C's (lr)", low=0.0, low_open=True)
 
 
@@ -216,8 +221,8 @@ class RunConfig:
                                                   "parameters stay contiguous ('auto': on with bf16 and on GPUs)",
                                           choices=(True, False, 'auto'))
     compile: bool = opt(False, "torch.compile (inductor, through Accelerate's dynamo_backend) the prepared forwards "
-                               "(stage 1: D(E(x)); stage 2: C's step and R); graphs that do not compile run eagerly "
-                               "with a warning. Off by default: slower on this project's CPU (benchmarks/README.md)")
+                               "(stage 1: D(E(x)); stage 2: C's step and R); a graph that does not compile stops the "
+                               "run with dynamo's error (no silent eager fallback). Off by default: slower on this project's CPU (benchmarks/README.md)")
     retain_freed_memory: bool = opt(True, 'CPU: keep freed tensor memory in the heap for the next step instead of '
                                           'unmapping it (glibc mallopt; train_scripts/allocator.py): large tensors '
                                           'are not page-faulted in again every step')
@@ -346,6 +351,10 @@ class PretrainConfig:
                 raise ConfigError(f'{key} must be [low, high] with 0 < low <= high, got {[lo, hi]!r}')
         if not all(0 <= f <= 1 for f in self.run.snapshots):
             raise ConfigError(f'snapshots must be a list of stage-2 fractions in [0, 1], got {self.run.snapshots!r}')
+        if self.run.mixed_precision == 'fp16' and 2 in self.stages:
+            raise ConfigError("mixed_precision fp16 cannot run stage 2: Accelerate's one GradScaler is stepped by both "
+                              "the C and the R optimizer, so the loss scale would be updated twice per iteration; use "
+                              "bf16 (or no), or run stage 1 alone in fp16")
         self.nan_at  # noqa: B018  (parses debug_nan_at: a malformed value is named now, not at that step)
         self._check_model_kwargs()
 

@@ -32,8 +32,8 @@ def make_accelerator(cfg: PretrainConfig, layout: RunLayout):
     use_cpu = cfg.run.cpu or (distributed_env and not torch.cuda.is_available())
     device_type = 'cpu' if use_cpu or not torch.cuda.is_available() else 'cuda'
     mixed_precision, channels_last = config_lib.resolve_precision(cfg.run, device_type)
-    if cfg.run.compile:  # a graph dynamo cannot compile runs eagerly, with a warning, instead of failing the run
-        torch._dynamo.config.suppress_errors = True
+    if cfg.run.compile:  # a graph dynamo cannot compile is an error naming it, never a silent eager fallback
+        torch._dynamo.config.suppress_errors = False
     acc = Accelerator(
         cpu=use_cpu,
         mixed_precision=mixed_precision,
@@ -79,6 +79,11 @@ class StepContext:
     @property
     def rank(self) -> int:
         return self.accelerator.process_index
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all processes (batch_size x processes): what ``lr_scaling`` scales by."""
+        return self.cfg.schedule.batch_size * self.accelerator.num_processes
 
     @property
     def autocast(self):

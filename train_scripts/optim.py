@@ -52,13 +52,22 @@ class FiniteLossCheck:
                 f'stopping the run: {keep}. Lower the learning rate or check the data.')
 
 
-def learning_rate(step: int, total: int, optim: OptimConfig) -> float:
-    """LR at (0-based) ``step`` of a ``total``-step stage.
+def batch_lr_factor(optim: OptimConfig, global_batch: Optional[int]) -> float:
+    """The factor ``lr_scaling`` applies to lr at ``global_batch`` (batch_size x processes): 1 for 'none' (or an
+    unknown batch), sqrt(global / lr_reference_batch) for 'sqrt', global / lr_reference_batch for 'linear'."""
+    if optim.lr_scaling == 'none' or not global_batch:
+        return 1.0
+    ratio = global_batch / optim.lr_reference_batch
+    return ratio ** 0.5 if optim.lr_scaling == 'sqrt' else ratio
+
+
+def learning_rate(step: int, total: int, optim: OptimConfig, global_batch: Optional[int] = None) -> float:
+    """LR at (0-based) ``step`` of a ``total``-step stage, at ``global_batch`` (``lr_scaling``: batch_lr_factor).
 
     ``paper``: linear from lr to lr * lr_end_factor (3e-4 -> 3e-6) over the stage; ``code``: TF polynomial_decay
     (power 1) to lr * lr_end_factor over the first 90 % of the steps, then constant; ``constant``.
     """
-    base = optim.lr
+    base = optim.lr * batch_lr_factor(optim, global_batch)
     end = base * optim.lr_end_factor
     if optim.lr_schedule == 'constant' or total <= 0:
         return base

@@ -82,7 +82,7 @@ class Stage1:
         self.gen.set_pretraining_stage(1)
 
     def step(self, step: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        lr = learning_rate(step, self.total, self.t.cfg.optim)
+        lr = learning_rate(step, self.total, self.t.cfg.optim, self.t.global_batch)
         rec = reconstruction_loss(self.model(x), x, self.weight)  # L_auto, Eq. (3)
         out = self.ae(step, lr, rec, {'ae_rec': rec})
         out.update({'ae_mse': out['ae_rec'] / self.weight, 'lr': torch.tensor(lr)})
@@ -128,7 +128,7 @@ class Stage2:
 
     def step(self, step: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         t, b, w = self.t, x.shape[0], self.w
-        lr = learning_rate(step, self.total, t.cfg.optim)
+        lr = learning_rate(step, self.total, t.cfg.optim, t.global_batch)
         with phase('stage2: real and corrupt examples'):
             with torch.no_grad(), t.autocast():  # E is frozen: phi = E(x) once, no graph, for both paths
                 phi = None if self.gen is None else self.gen.encode(x)
