@@ -222,12 +222,13 @@ class RunConfig:
                                           choices=(True, False, 'auto'))
     compile: bool = opt(False, "torch.compile (inductor, through Accelerate's dynamo_backend) the prepared forwards "
                                "(stage 1: D(E(x)); stage 2: C's step and R); a graph that does not compile stops the "
-                               "run with dynamo's error (no silent eager fallback). Off by default: slower on this project's CPU (benchmarks/README.md)")
+                               "run with dynamo's error (no silent eager fallback). Off by default: slower on this "
+                               "project's CPU (benchmarks/README.md)")
     retain_freed_memory: bool = opt(True, 'CPU: keep freed tensor memory in the heap for the next step instead of '
                                           'unmapping it (glibc mallopt; train_scripts/allocator.py): large tensors '
                                           'are not page-faulted in again every step')
     threads: Optional[int] = opt(None, 'torch CPU threads per process (null: one per idle core, cores shared by the '
-                                       'processes: on a busy 2-core machine 2 threads ran at half the speed of 1)',
+                                       'processes: threads beyond the idle cores slow a step down)',
                                  low=1)
     log_every: int = opt(10, 'steps between metrics.jsonl records / progress-bar updates', low=1)
     figure_every: int = opt(200, 'steps between Figure-3 grids (0: only at the end of a stage)', low=0)
