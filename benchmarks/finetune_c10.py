@@ -42,7 +42,7 @@ HELD_OUT_PER_CLASS = 500
 VAL_PER_CLASS = 50
 FRACTIONS = {'1%': 45, '10%': 450, '100%': None}  # images per class; None = all of the pool but V
 SCHEDULE = {'1%': 30, '10%': 5, '100%': 1}  # epochs, the same for every initialisation
-LR_GRID = {'finetune': (1e-4, 3e-4, 1e-3), 'frozen': (1e-3, 3e-3, 1e-2)}
+LR_GRID = {'finetune': (1e-4, 3e-4, 1e-3), 'frozen': (1e-3, 3e-3, 1e-2, 3e-2)}
 GRID_FRACTIONS = ('1%', '10%')  # the fractions whose rate is chosen on V; the others reuse the 10 % choice
 BATCH_SIZE = 64
 
