@@ -80,6 +80,18 @@ def test_seed_jobs_reuse_the_chosen_rate_and_skip_seed_zero_of_the_grid():
         ('100%', 0), ('10%', 1), ('10%', 2), ('1%', 1), ('1%', 2)])
 
 
+def test_the_frozen_variant_chooses_its_rate_at_every_fraction_finetuning_reuses_10_percent():
+    frozen = {(j.fraction, j.lr) for j in ft.grid_jobs(['random'], ['frozen'])}
+    assert frozen == {(f, lr) for f in ft.FRACTIONS for lr in ft.LR_GRID['frozen']}
+    assert {j.fraction for j in ft.grid_jobs(['random'], ['finetune'])} == {'1%', '10%'}
+    rows = [_row('random', lr, v, 0.0, fraction=f, variant='frozen') for f in ft.FRACTIONS
+            for lr, v in zip(ft.LR_GRID['frozen'], (5.0, 1, 1, 1, 1) if f == '100%' else (1.0, 1, 1, 1, 5))]
+    assert ft.chosen_lr(rows, 'random', 'frozen', '100%') == ft.LR_GRID['frozen'][0]
+    assert ft.chosen_lr(rows, 'random', 'frozen', '10%') == ft.LR_GRID['frozen'][-1]
+    jobs = ft.seed_jobs(rows, ['random'], ['frozen'], [0, 1], list(ft.FRACTIONS))
+    assert sorted((j.fraction, j.seed) for j in jobs) == sorted([('10%', 1), ('1%', 1)])
+
+
 def test_summary_gains_are_paired_by_seed():
     rows = []
     for init, base in (('random', 30.0), ('v2', 33.0)):
@@ -154,14 +166,15 @@ def test_benchmark_runs_timms_train_and_validate_end_to_end(tmp_path, monkeypatc
     import json
     summary = json.load(open(out))
     runs = summary['runs']
-    # grid: 2 fractions x 2 rates; then seed 1 at 1 % and 10 %, seed 0 at 100 %
-    assert len(runs) == 4 + 3
+    # the frozen variant's grid: 3 fractions x 2 rates; then seed 1 at 1 % and 10 % (100 %: seed 0 only)
+    assert len(runs) == 6 + 2
     for r in runs:
         assert 0.0 <= r['heldout_top1'] <= 100.0 and 0.0 <= r['val_top1'] <= 100.0
     cell = summary['table']['frozen']['1%']
     assert set(cell) == {'init2'} and cell['init2']['seeds'] == 2
     assert cell['init2']['lr'] == ft.chosen_lr(runs, 'init2', 'frozen', '1%')
-    assert summary['table']['frozen']['100%']['init2']['lr'] == ft.chosen_lr(runs, 'init2', 'frozen', '10%')
+    best_100 = max((r for r in runs if r['fraction'] == '100%'), key=lambda r: (r['val_top1'], -r['lr']))
+    assert summary['table']['frozen']['100%']['init2']['lr'] == best_100['lr']
     # a second call finds every job done and runs nothing
     before = len(open(tmp_path / 'work' / 'results.jsonl').readlines())
     ft.main(args)
