@@ -52,7 +52,7 @@ def markdown(summary: dict) -> List[str]:
 def verdict(summary: dict, init: str) -> str:
     """One plain sentence: at which label fractions ``init`` beats random init by more than the seeds' spread.
 
-    "Helps" needs a positive paired gain larger than its SD over seeds (or, with one seed, larger than 1 point).
+    "Helps" needs a paired gain larger than twice its SD over seeds (or, with one seed, larger than 2 points).
     """
     parts = []
     for variant, by_fraction in summary['table'].items():
@@ -60,7 +60,7 @@ def verdict(summary: dict, init: str) -> str:
             g = (cell.get(init) or {}).get('gain_vs_random')
             if not g:
                 continue
-            clear = g['mean'] > (g['sd'] if g['sd'] is not None else 1.0)
+            clear = g['mean'] > (2 * g['sd'] if g['sd'] is not None else 2.0)
             sd = f" ± {g['sd']:.1f}" if g['sd'] is not None else ' (one seed)'
             parts.append((variant, f, clear, f"{g['mean']:+.1f}{sd}"))
     helps = [f'{f} ({v}: {t})' for v, f, c, t in parts if c]
