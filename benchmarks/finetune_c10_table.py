@@ -78,11 +78,18 @@ def hub_entry(summary: dict, init: str, command: str) -> dict:
                 f"(conv1-conv5, average pool, linear) on CIFAR-10 at 64 px with {', '.join(p['fractions_per_class'])} "
                 f"of the 4,450 labelled images per class that pretraining could see; validate.py scores it on the "
                 f"{p['held_out_per_class']} held-out images per class. AdamW (weight decay 0.05), cosine, batch "
-                f"{p['batch_size']}, epochs {p['epochs']} per fraction for every initialisation; the learning rate of "
+                f"{p['batch_size']}, {' / '.join(str(e) for e in p['epochs'].values())} epochs at "
+                f"{' / '.join(p['epochs'])} for every initialisation; the learning rate of "
                 f"each initialisation is chosen on a separate validation split ({p['val_per_class']} per class), "
                 f"never on the held-out rows. `frozen`: conv1-conv5 fixed (`freeze_trunk=True`), only the head "
                 f"trains. Device: {p['device']}. The schedules are short (what fitted 2 CPU cores): random init is "
                 f"the least trained there, and the gaps at 100 % may shrink with longer fine-tuning (not measured).")
+    edges = [(v, f, i) for v, t in summary['table'].items() for f, cell in t.items() for i, c in cell.items()
+             if c['lr'] in (min(p['lr_grid'][v]), max(p['lr_grid'][v]))]
+    if edges:
+        protocol += (f' The chosen rate lies at an end of its grid in {len(edges)} of '
+                     f"{sum(len(cell) for t in summary['table'].values() for cell in t.values())} cells "
+                     f"({', '.join(sorted({v for v, _, _ in edges}))}): read those rows as lower bounds.")
     return {'protocol': protocol, 'command': command, 'this_weights': init, 'table': summary['table'],
             'summary': verdict(summary, init)}
 

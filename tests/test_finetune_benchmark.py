@@ -189,7 +189,7 @@ def _summary_for_card():
         rows += [_row(init, 1e-3, 0.0, base + 1.0, seed=1), _row(init, 1e-3, 0.0, base - 1.0, seed=2)]
     return {'inits': {'random': None, 'v2': 'x/model.safetensors'}, 'command': 'python benchmarks/finetune_c10.py',
             'protocol': {'fractions_per_class': ft.FRACTIONS, 'held_out_per_class': 500, 'val_per_class': 50,
-                         'batch_size': 64, 'epochs': ft.SCHEDULE, 'device': 'cpu'},
+                         'batch_size': 64, 'epochs': ft.SCHEDULE, 'device': 'cpu', 'lr_grid': ft.LR_GRID},
             'table': ft.summarise(rows, ['random', 'v2'], ['finetune'])}
 
 
