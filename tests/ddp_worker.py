@@ -14,7 +14,7 @@ from timm_spot.run_layout import RunLayout
 from train_scripts.batches import TAG_TORCH, derive_seed
 from train_scripts.config import resolve
 from train_scripts.context import StepContext, make_accelerator
-from train_scripts.fast_step import DeviceHistory, FastStage2
+from train_scripts.fast_step import FastStage2
 from train_scripts.history import HistoryBuffer
 from train_scripts.networks import NetworkBuilder
 from train_scripts.stages import Stage2
@@ -34,9 +34,9 @@ def main(objective: str) -> None:
                            objective=objective))
         acc, _, _ = make_accelerator(cfg, RunLayout(tmp))
         rank = acc.process_index
-        for kind, stage_cls, history_cls in (('reference', Stage2, HistoryBuffer), ('fast', FastStage2, DeviceHistory)):
+        for kind, stage_cls in (('reference', Stage2), ('fast', FastStage2)):
             networks = NetworkBuilder(cfg, acc.device)
-            history = history_cls(8, 0.5)
+            history = HistoryBuffer(8, 0.5)
             ctx = StepContext(cfg, acc, networks, history, {1: 10, 2: 10}, generator=networks.create_generator())
             stage = stage_cls(ctx)
             stage.set_modes()

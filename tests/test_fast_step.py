@@ -10,7 +10,7 @@ from timm_spot.run_layout import RunLayout
 from train_scripts.batches import TAG_HISTORY, TAG_MASK, TAG_TORCH, derive_seed, torch_generator
 from train_scripts.config import resolve
 from train_scripts.context import StepContext, make_accelerator
-from train_scripts.fast_step import (CompileError, Compiled, DeviceHistory, DeviceMeters, FastStage1, FastStage2,
+from train_scripts.fast_step import (CompileError, Compiled, DeviceMeters, FastStage1, FastStage2,
                                      refuse_fp16)
 from train_scripts.history import HistoryBuffer
 from train_scripts.networks import NetworkBuilder
@@ -28,9 +28,9 @@ def _contexts(tmp_path, **over):
     cfg = resolve({**TINY, 'output_dir': str(tmp_path), **over})
     acc, _, channels_last = make_accelerator(cfg, RunLayout(str(tmp_path)))
     out = []
-    for history_cls in (HistoryBuffer, DeviceHistory):
+    for _ in ('reference', 'fast'):
         networks = NetworkBuilder(cfg, acc.device)
-        history = history_cls(cfg.method.history_batches * B, cfg.method.history_fraction, enabled=cfg.method.history)
+        history = HistoryBuffer(cfg.method.history_batches * B, cfg.method.history_fraction, enabled=cfg.method.history)
         out.append(StepContext(cfg, acc, networks, history, {1: 50, 2: 50}, generator=networks.create_generator(),
                                channels_last=channels_last))
     return cfg, out
@@ -108,8 +108,8 @@ def test_fast_stage1_equals_the_reference_step(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
-def test_device_history_keeps_the_rule():
-    h = DeviceHistory(capacity=8, fraction=0.5)
+def test_history_keeps_the_rule_with_the_generators_draws():
+    h = HistoryBuffer(capacity=8, fraction=0.5)
     g = torch.Generator().manual_seed(0)
     for i in range(5):
         images = torch.full((4, 3, 2, 2), float(i))
@@ -137,12 +137,9 @@ def test_fp16_and_unsupported_ablations_are_refused(tmp_path):
         mixed_precision = 'fp16'
     with pytest.raises(ValueError, match='GradScaler'):
         refuse_fp16(type('T', (), {'accelerator': Acc()})())
-    _, (host_history_ctx, ctx) = _contexts(tmp_path, repair='none')
+    _, (_, ctx) = _contexts(tmp_path, repair='none')
     with pytest.raises(ValueError, match='reference step'):
         FastStage2(ctx)
-    _, (host_history_ctx, _) = _contexts(tmp_path / 'h')
-    with pytest.raises(ValueError, match='DeviceHistory'):
-        FastStage2(host_history_ctx)
 
 
 def test_a_failed_compile_is_an_error_naming_the_part():

@@ -30,7 +30,6 @@ from .batches import TAG_HISTORY, TAG_MASK
 from .context import StepContext
 from .corrupt import DamageAndRepair
 from .device_data import device_generator
-from .history import HistoryBuffer
 from .losses import discriminator_objective, reconstruction_loss, repair_objective
 from .modes import preserved_batchnorm_stats
 from .optim import NonFiniteLossError, learning_rate
@@ -96,41 +95,6 @@ class DeviceMeters:
         return {k: s / count for k, s in zip(self.keys, sums)}
 
 
-class DeviceHistory(HistoryBuffer):
-    """:class:`~train_scripts.history.HistoryBuffer` with its picks drawn on the images' device (a device
-    generator): same rule (fraction of the batch from the buffer, then the refresh), no host round trip."""
-
-    @torch.no_grad()
-    def mix(self, images, masks, generator):
-        batch, dev = images.shape[0], images.device
-        from_history = torch.zeros(batch, dtype=torch.bool, device=dev)
-        if not self.enabled:
-            return images, masks, from_history
-        if self.images is None:
-            self._allocate(images, masks)
-        k = int(round(self.fraction * batch))
-        out_images, out_masks = images, masks
-        if self.size > 0 and k > 0:
-            positions = torch.randperm(batch, generator=generator, device=dev)[:k]
-            slots = torch.randint(0, self.size, (k,), generator=generator, device=dev)
-            out_images = images.index_copy(0, positions, self.images.index_select(0, slots).to(images.dtype))
-            out_masks = masks.index_copy(0, positions, self.masks.index_select(0, slots).to(masks.dtype))
-            from_history[positions] = True
-        self._refresh(images, masks, max(k, 1), generator)
-        return out_images, out_masks, from_history
-
-    def _refresh(self, images, masks, count, generator) -> None:
-        batch = images.shape[0]
-        if self.size < self.capacity:
-            super()._refresh(images, masks, count, generator)  # the first batches: appended, no draw
-            return
-        count = min(count, batch, self.capacity)
-        slots = torch.randperm(self.capacity, generator=generator, device=images.device)[:count]
-        current = torch.randperm(batch, generator=generator, device=images.device)[:count]
-        self.images.index_copy_(0, slots, images.index_select(0, current).to(self.images.dtype))
-        self.masks.index_copy_(0, slots, masks.index_select(0, current).to(self.masks.dtype))
-
-
 class _Deferred:
     """Stands in for :class:`~train_scripts.optim.FiniteLossCheck` in a NetworkUpdate: no check in the step (the
     meters carry it to the next read)."""
@@ -191,9 +155,6 @@ class FastStage2(Stage2):
         if t.cfg.method.generator != 'damage_repair' or t.cfg.method.repair == 'none':
             raise ValueError('the fast step runs damage & repair with a repair network; ablations (k) and (l) run on '
                              'the reference step (stages.py)')
-        if not isinstance(t.history, DeviceHistory):
-            raise ValueError('the fast step draws its history picks on the device: give its StepContext a '
-                             'DeviceHistory (fast_step.py), not a HistoryBuffer')
         super().__init__(t)
         assert isinstance(self.source, DamageAndRepair) and self.r_update is not None
         self.read_every, self.meters = read_every, DeviceMeters(2)

@@ -40,8 +40,8 @@ class HistoryBuffer:
             generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Corrupt batch for C: ``(images, masks, from_history)``; ``from_history`` is a bool [B] marking the
         positions taken from the buffer. ``images`` / ``masks`` must be detached; they are not modified."""
-        batch = images.shape[0]
-        from_history = torch.zeros(batch, dtype=torch.bool)
+        batch, draws = images.shape[0], generator.device  # picks are drawn where the generator lives (no host trip)
+        from_history = torch.zeros(batch, dtype=torch.bool, device=draws)
         if not self.enabled:
             return images, masks, from_history
         if self.images is None:
@@ -49,8 +49,8 @@ class HistoryBuffer:
         k = int(round(self.fraction * batch))
         out_images, out_masks = images, masks
         if self.size > 0 and k > 0:
-            positions = torch.randperm(batch, generator=generator)[:k]
-            slots = torch.randint(0, self.size, (k,), generator=generator)
+            positions = torch.randperm(batch, generator=generator, device=draws)[:k]
+            slots = torch.randint(0, self.size, (k,), generator=generator, device=draws)
             out_images, out_masks = images.clone(), masks.clone()
             dev = images.device
             out_images[positions.to(dev)] = self.images[slots.to(self.images.device)].to(dev, images.dtype)
@@ -68,8 +68,9 @@ class HistoryBuffer:
             self.size += take
             return
         count = min(count, batch, self.capacity)
-        slots = torch.randperm(self.capacity, generator=generator)[:count].to(self.images.device)
-        current = torch.randperm(batch, generator=generator)[:count].to(images.device)
+        slots = torch.randperm(self.capacity, generator=generator, device=generator.device)[:count]
+        current = torch.randperm(batch, generator=generator, device=generator.device)[:count]
+        slots, current = slots.to(self.images.device), current.to(images.device)
         self.images[slots] = images[current].to(self.images.dtype)
         self.masks[slots] = masks[current].to(self.masks.dtype)
 

@@ -40,7 +40,8 @@ from train_scripts import benchmark as bench  # noqa: E402
 from train_scripts.batches import TAG_TORCH, derive_seed  # noqa: E402
 from train_scripts.context import StepContext  # noqa: E402
 from train_scripts.device_data import DeviceImages  # noqa: E402
-from train_scripts.fast_step import CompileError, DeviceHistory, FastStage1, FastStage2  # noqa: E402
+from train_scripts.fast_step import CompileError, FastStage1, FastStage2  # noqa: E402
+from train_scripts.history import HistoryBuffer  # noqa: E402
 from train_scripts.stages import Stage1, Stage2  # noqa: E402
 
 # dense bf16 tensor-core peak (FLOP/s, no sparsity) by device name fragment; the first match counts
@@ -65,7 +66,7 @@ def contexts(args, px: int, batch: int, tmp: str):
     settings = {} if args.mixed_precision is None else dict(mixed_precision=args.mixed_precision)
     ref, x, precision = bench.build_context(ns, tmp, **settings)
     cfg = ref.cfg
-    history = DeviceHistory(cfg.method.history_batches * batch, cfg.method.history_fraction, enabled=cfg.method.history)
+    history = HistoryBuffer(cfg.method.history_batches * batch, cfg.method.history_fraction, enabled=cfg.method.history)
     fast = StepContext(cfg, ref.accelerator, ref.networks, history, ref.totals,
                        generator=ref.networks.create_generator(), channels_last=ref.channels_last)
     return ref, fast, x, precision
