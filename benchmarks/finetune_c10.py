@@ -294,7 +294,8 @@ def run_all(args, root: str, inits: Dict[str, Optional[str]], scripts: Dict[str,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--data', required=True, help='CIFAR-10 training split (Parquet with image and label columns)')
+    p.add_argument('--data', default=None,
+                   help='CIFAR-10 training split (Parquet: image and label columns); not read by --summarise-only')
     p.add_argument('--root', required=True, help='work folder: image folders, timm outputs, results.jsonl')
     p.add_argument('--init', nargs='+', default=['random'],
                    help="initialisations: 'random' or NAME=WEIGHTS (a backbone or discriminator safetensors)")
@@ -308,6 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--summarise-only', action='store_true',
                    help='write the summary of the runs finished so far (a cell appears once its grid is complete)')
     args = p.parse_args(argv)
+    if not args.data and not args.summarise_only:
+        p.error('--data is required to run (only --summarise-only reads the finished runs alone)')
     if not args.scripts:
         p.error("timm's train.py is not in the wheel: pass --scripts or set TIMM_SCRIPTS_DIR")
     scripts = {k: os.path.join(args.scripts, f'{k}.py') for k in ('train', 'validate')}
